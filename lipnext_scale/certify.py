@@ -1,0 +1,100 @@
+"""Certified radii and certified robust accuracy (DESIGN.md §1).
+
+For a backbone with Lipschitz bound L and head rows w_i, the prediction ŷ cannot change within
+
+    r(x) = min_{j≠ŷ} (z_ŷ − z_j) / (L · ‖w_ŷ − w_j‖₂)
+
+L comes from `LipNeXt.lipschitz_bound()`, a sound bound computed from the fp32 weights in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from lipnext_scale.model.lipnext import LipNeXt
+
+DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255, 1.0)
+
+
+def require_fp32(model: LipNeXt) -> None:
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"certify with fp32 weights only; the model holds {sorted(map(str, dtypes))}")
+
+
+@torch.no_grad()
+def head_pair_distances(model: LipNeXt) -> torch.Tensor:
+    """‖w_i − w_j‖₂ for all class pairs of the normalised head, in float64, by explicit differences."""
+    w = model.head.normalized_weight().detach().to(device="cpu", dtype=torch.float64)
+    return torch.stack([torch.linalg.vector_norm(w - row, dim=1) for row in w])
+
+
+@torch.no_grad()
+def certified_radius(
+    model: LipNeXt,
+    logits: torch.Tensor,
+    lipschitz: float | None = None,
+    pair_distances: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(radius, pred) per sample, radius in the L2 norm of [0,1] pixel space.
+
+    `lipschitz` and `pair_distances` may be passed in to avoid recomputing them for every batch; they must
+    come from the same fp32 weights that produced `logits`.
+    """
+    require_fp32(model)
+    if lipschitz is None:
+        lipschitz = model.lipschitz_bound()
+    if pair_distances is None:
+        pair_distances = head_pair_distances(model)
+    z = logits.detach().to(device="cpu", dtype=torch.float64)
+    pred = z.argmax(dim=1)
+    margins = z.gather(1, pred[:, None]) - z
+    distances = pair_distances[pred]
+    ratio = margins / (lipschitz * distances)
+    ratio.scatter_(1, pred[:, None], float("inf"))
+    return ratio.min(dim=1).values, pred
+
+
+@torch.no_grad()
+def evaluate(
+    model: LipNeXt,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    eps_list: Iterable[float] = DEFAULT_EPS,
+) -> dict:
+    """Clean accuracy and CRA at each ε over `batches` of (images in [0,1], labels); fp32 weights only."""
+    require_fp32(model)
+    was_training = model.training
+    model.eval()
+    lipschitz = model.lipschitz_bound()
+    distances = head_pair_distances(model)
+    eps_list = list(eps_list)
+    correct = torch.zeros((), dtype=torch.long)
+    certified = torch.zeros(len(eps_list), dtype=torch.long)
+    total = 0
+    device = next(model.parameters()).device
+    for images, labels in batches:
+        radius, pred = certified_radius(model, model(images.to(device)), lipschitz, distances)
+        hit = pred == labels.cpu()
+        correct += hit.sum()
+        certified += torch.stack([(hit & (radius >= eps)).sum() for eps in eps_list])
+        total += len(labels)
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate got no samples")
+    return {
+        "clean_acc": correct.item() / total,
+        "cra": [{"eps": eps, "cra": c / total} for eps, c in zip(eps_list, certified.tolist())],
+        "lipschitz_bound": lipschitz,
+        "num_samples": total,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The clean/CRA table printed at the end of a run."""
+    lines = [f"{'ε':>10}  {'accuracy':>9}", f"{'clean':>10}  {100 * result['clean_acc']:8.2f}%"]
+    for row in result["cra"]:
+        lines.append(f"{row['eps']:10.4f}  {100 * row['cra']:8.2f}%")
+    lines.append(f"Lipschitz bound of the backbone: {result['lipschitz_bound']:.6f} (fp32 weights, float64)")
+    return "\n".join(lines)

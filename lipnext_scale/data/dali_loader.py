@@ -1,0 +1,158 @@
+"""The NVIDIA DALI backend: tar shards -> JPEG decode (on the GPU with device "cuda") -> crops -> NCHW floats.
+
+DALI 2.4 notes that shaped this file:
+- CPU-only pipelines need ``device_id=None``; any "mixed"/"gpu" operator then fails, so the decoder
+  device follows the requested torch device.
+- ``.cls`` payloads have different lengths ("7" vs "12"), which the iterator cannot batch; they are
+  zero-padded to ``LABEL_WIDTH`` bytes in the pipeline and parsed in torch (no Python callback).
+- ``reader_name`` + ``pad_last_batch=True`` make the iterator count batches per rank; DROP (train)
+  stops every rank after the smallest part's full batches, PARTIAL (eval) trims the padding DALI adds.
+- The checkpoint from ``iterator.checkpoints()`` is a binary protobuf (bytes); it is stored base64.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from .loader_base import CROP_PADDING, LABEL_WIDTH, Loader, LoaderConfig, labels_from_padded_ascii
+from .shards import IMAGE_EXT, LABEL_EXT
+
+READER_NAME = "reader"
+_OUTPUTS = ["images", "labels"]
+
+
+def pipeline_seed(seed: int, rank: int) -> int:
+    # Distinct augmentation streams per rank; DALI wants a non-negative seed below 2**31.
+    return (seed * 1_000_003 + rank * 7919 + 1) % (2**31 - 1)
+
+
+def _decoded_square_images(jpegs: Any, config: LoaderConfig) -> Any:
+    """Decode, then scale the shorter side to image_size (a no-op for shards stored at that size)."""
+    decoder_device = "mixed" if config.device.type == "cuda" else "cpu"
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    return fn.resize(
+        images,
+        resize_shorter=config.image_size,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
+
+
+def _to_normalised_chw(images: Any, config: LoaderConfig) -> Any:
+    size = config.image_size
+    mirror = fn.random.coin_flip(probability=0.5) if config.random_flip else 0
+    if config.random_crop:
+        # Zero-pad CROP_PADDING pixels per side by taking a centred window larger than the image, then
+        # pick the final window at an integer offset 0..2*pad: crop_pos * (in - out) is exact here
+        # because in - out = 2*pad and crop_pos = k / (2*pad) (a power of two for pad=4).
+        padded = size + 2 * CROP_PADDING
+        images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
+        offsets = [k / (2 * CROP_PADDING) for k in range(2 * CROP_PADDING + 1)]
+        crop_pos_x, crop_pos_y = fn.random.uniform(values=offsets), fn.random.uniform(values=offsets)
+    else:
+        crop_pos_x = crop_pos_y = 0.5
+    return fn.crop_mirror_normalize(
+        images,
+        crop=(size, size),
+        crop_pos_x=crop_pos_x,
+        crop_pos_y=crop_pos_y,
+        mirror=mirror,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[0.0, 0.0, 0.0],
+        std=[255.0, 255.0, 255.0],
+    )
+
+
+def build_dali_pipeline(config: LoaderConfig, checkpoint: bytes | None = None) -> Pipeline:
+    manifest = config.manifest
+    device_id = None
+    if config.device.type == "cuda":
+        device_id = config.device.index if config.device.index is not None else torch.cuda.current_device()
+    pipe = Pipeline(
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        device_id=device_id,
+        seed=pipeline_seed(config.seed, config.rank),
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+    )
+    smallest_part = manifest.total_samples // config.world_size
+    with pipe:
+        jpegs, cls = fn.readers.webdataset(
+            paths=manifest.tar_paths,
+            index_paths=manifest.index_paths,
+            ext=[IMAGE_EXT, LABEL_EXT],
+            dtypes=[types.UINT8, types.UINT8],
+            missing_component_behavior="error",
+            shard_id=config.rank,
+            num_shards=config.world_size,
+            random_shuffle=config.train,
+            initial_fill=max(1, min(config.shuffle_buffer, smallest_part)),
+            seed=pipeline_seed(config.seed, config.rank),
+            pad_last_batch=True,
+            name=READER_NAME,
+        )
+        images = _to_normalised_chw(_decoded_square_images(jpegs, config), config)
+        labels = fn.pad(cls, fill_value=0, shape=[LABEL_WIDTH])
+        pipe.set_outputs(images, labels)
+    return pipe
+
+
+class DaliLoader(Loader):
+    """DALI backend. In eval the last batch of a rank is trimmed to its part (possibly to 0 samples)."""
+
+    backend = "dali"
+
+    def __init__(self, config: LoaderConfig):
+        super().__init__(config)
+        self._iterator = self._make_iterator(checkpoint=None)
+
+    def _make_iterator(self, checkpoint: bytes | None) -> DALIGenericIterator:
+        policy = LastBatchPolicy.DROP if self.config.train else LastBatchPolicy.PARTIAL
+        iterator = DALIGenericIterator(
+            [build_dali_pipeline(self.config, checkpoint)],
+            _OUTPUTS,
+            reader_name=READER_NAME,
+            last_batch_policy=policy,
+            auto_reset=False,
+        )
+        if len(iterator) != len(self):
+            # Our batch count must be DALI's, or ranks would disagree with what the reader delivers.
+            raise RuntimeError(f"DALI iterator has {len(iterator)} batches per epoch, expected {len(self)}")
+        return iterator
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            out = next(self._iterator)[0]
+        except RuntimeError as exc:
+            if "IsDenseTensor" in str(exc):
+                raise RuntimeError(
+                    f"{self._describe_batch()}: DALI could not batch the outputs; a .cls label longer than "
+                    f"{LABEL_WIDTH} bytes is the likely cause"
+                ) from exc
+            raise
+        except StopIteration:
+            raise RuntimeError(f"{self._describe_batch()}: DALI ended the epoch early") from None
+        labels = labels_from_padded_ascii(
+            out["labels"].cpu(), self.config.manifest.num_classes, self._describe_batch()
+        )
+        device = self.config.device
+        return out["images"].to(device), labels.to(device, non_blocking=True)
+
+    def _begin_next_epoch(self) -> None:
+        self._iterator.reset()
+
+    def _backend_state(self) -> dict[str, Any]:
+        (checkpoint,) = self._iterator.checkpoints()
+        return {"dali_checkpoint": base64.b64encode(checkpoint).decode("ascii")}
+
+    def _restore_backend_state(self, state: dict[str, Any], epoch: int, position: int) -> None:
+        checkpoint = base64.b64decode(state["dali_checkpoint"])
+        self._iterator = self._make_iterator(checkpoint=checkpoint)

@@ -1,0 +1,184 @@
+"""Pure-Python backend: the webdataset library reads the tars, PIL decodes, torch batches.
+
+It reads exactly DALI's part of the data on every rank and epoch (see ``loader_base``) and yields the
+same number of batches. Evaluation order is identical to DALI's (sequential); training order is not,
+because the shuffle buffer and augmentation random streams are our own — the *set* of samples each
+rank reads per epoch is the same. Everything random derives from ``(seed, rank, epoch, position)``,
+so resuming replays the epoch's stream without decoding the skipped images.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from .loader_base import CROP_PADDING, Loader, LoaderConfig, part_bounds, part_for_epoch
+from .shards import IMAGE_EXT, LABEL_EXT
+
+RawSample = tuple[str, bytes, bytes]  # key, jpeg bytes, cls bytes
+
+
+def _read_range(config: LoaderConfig, start: int, end: int) -> Iterator[RawSample]:
+    """Samples ``[start, end)`` of the concatenated shards, reading only the tars that overlap."""
+    manifest = config.manifest
+    shard_start = 0
+    for tar_path, shard in zip(manifest.tar_paths, manifest.shards, strict=True):
+        shard_end = shard_start + shard.num_samples
+        if shard_end > start and shard_start < end:
+            yield from _read_shard_slice(tar_path, shard.num_samples, start - shard_start, end - shard_start)
+        shard_start = shard_end
+
+
+def _read_shard_slice(tar_path: str, expected: int, lo: int, hi: int) -> Iterator[RawSample]:
+    stream = wds.DataPipeline(wds.SimpleShardList([tar_path]), wds.tarfile_to_samples())
+    count = 0
+    for count, sample in enumerate(stream, start=1):
+        index = count - 1
+        if index >= hi:
+            return
+        if index < lo:
+            continue
+        key = sample["__key__"]
+        missing = [ext for ext in (IMAGE_EXT, LABEL_EXT) if ext not in sample]
+        if missing:
+            raise ValueError(f"{tar_path}: sample {key!r} has no {missing} member")
+        yield key, sample[IMAGE_EXT], sample[LABEL_EXT]
+    if count != expected:
+        raise ValueError(f"{tar_path}: holds {count} samples, the manifest says {expected}")
+
+
+def _buffer_shuffled(
+    samples: Iterator[RawSample], buffer_size: int, rng: random.Random
+) -> Iterator[RawSample]:
+    """Shuffle a stream with a fixed-size buffer: one sequential read, bounded memory (like DALI's)."""
+    buffer: list[RawSample] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _parse_label(cls: bytes, key: str, num_classes: int) -> int:
+    try:
+        label = int(cls.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"sample {key!r}: .cls is not a decimal label: {cls[:32]!r}") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"sample {key!r}: label {label} outside [0, {num_classes}) from the manifest")
+    return label
+
+
+def _decode_resized(jpeg: bytes, key: str, size: int) -> torch.Tensor:
+    """uint8 HWC tensor with the shorter side scaled to ``size`` (PIL's decoder, bilinear + antialias)."""
+    try:
+        with Image.open(io.BytesIO(jpeg)) as img:
+            img = img.convert("RGB")
+    except Exception as exc:
+        raise ValueError(f"sample {key!r}: cannot decode image ({exc})") from exc
+    w, h = img.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        img = img.resize(
+            (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR
+        )
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+
+
+def _window(image: torch.Tensor, size: int, dy: int, dx: int) -> torch.Tensor:
+    """``size x size`` window of a CHW image whose top-left is (dy, dx) from the centred window.
+
+    Pixels outside the image are zero, which makes this the classic pad-then-random-crop.
+    """
+    _, h, w = image.shape
+    # Centre rounded half up; DALI may round an odd excess the other way (1 px, non-square inputs only).
+    top, left = (h - size + 1) // 2 + dy, (w - size + 1) // 2 + dx
+    pad = (max(0, -left), max(0, left + size - w), max(0, -top), max(0, top + size - h))
+    if any(pad):
+        image = F.pad(image, pad)
+        top, left = top + pad[2], left + pad[0]
+    return image[:, top : top + size, left : left + size]
+
+
+class WdsLoader(Loader):
+    """webdataset + PIL backend; same parts, batch counts and eval order as :class:`DaliLoader`."""
+
+    backend = "wds"
+
+    def __init__(self, config: LoaderConfig):
+        super().__init__(config)
+        self._stream: Iterator[tuple[int, RawSample]] | None = None
+
+    def _epoch_samples(self, epoch: int) -> Iterator[RawSample]:
+        c = self.config
+        start, end = part_bounds(
+            c.manifest.total_samples, part_for_epoch(c.rank, epoch, c.world_size), c.world_size
+        )
+        samples = _read_range(c, start, end)
+        if c.train:
+            samples = _buffer_shuffled(
+                samples, c.shuffle_buffer, random.Random(f"shuffle/{c.seed}/{c.rank}/{epoch}")
+            )
+        return samples
+
+    def _open_stream(self, epoch: int, skip_batches: int) -> Iterator[tuple[int, RawSample]]:
+        stream = enumerate(self._epoch_samples(epoch))
+        for _ in range(skip_batches * self.config.batch_size):
+            next(stream, None)
+        return stream
+
+    def _augmented(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        c = self.config
+        dy = dx = 0
+        flip = False
+        if c.random_crop or c.random_flip:
+            rng = random.Random(f"augment/{c.seed}/{c.rank}/{self._epoch}/{index}")
+            if c.random_crop:
+                dy, dx = rng.randint(-CROP_PADDING, CROP_PADDING), rng.randint(-CROP_PADDING, CROP_PADDING)
+            flip = c.random_flip and rng.random() < 0.5
+        image = _window(image, c.image_size, dy, dx)
+        return image.flip(-1) if flip else image
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if self._stream is None:
+            self._stream = self._open_stream(self._epoch, self._position)
+        images, labels = [], []
+        for index, (key, jpeg, cls) in self._stream:
+            labels.append(_parse_label(cls, key, c.manifest.num_classes))
+            chw = _decode_resized(jpeg, key, c.image_size).permute(2, 0, 1)
+            images.append(self._augmented(chw, index))
+            if len(images) == c.batch_size:
+                break
+        if c.train and len(images) < c.batch_size:
+            raise RuntimeError(f"{self._describe_batch()}: the rank's part ran out of samples mid-epoch")
+        batch = (
+            torch.stack(images)
+            if images
+            else torch.empty(0, 3, c.image_size, c.image_size, dtype=torch.uint8)
+        )
+        return (
+            batch.to(c.device).float().div_(255.0),
+            torch.tensor(labels, dtype=torch.int64).to(c.device),
+        )
+
+    def _begin_next_epoch(self) -> None:
+        self._stream = None
+
+    def _backend_state(self) -> dict[str, Any]:
+        return {}
+
+    def _restore_backend_state(self, state: dict[str, Any], epoch: int, position: int) -> None:
+        self._stream = None  # reopened lazily at (epoch, position) by _next_batch

@@ -1,0 +1,38 @@
+"""Train a LipNeXt: `python lipnext_scale/train.py RECIPE.yaml [section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lipnext_scale.config import ConfigError, load_recipe
+from lipnext_scale.trainer import Trainer
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")
+    # Launchers (deepspeed) insert --local_rank=N before the user's arguments.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    trainer = Trainer(recipe)
+    try:
+        result = trainer.fit()
+        trainer.save(result)
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
