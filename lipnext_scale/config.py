@@ -166,7 +166,7 @@ def _check_metadata(value: Any, meta: typing.Mapping) -> str | None:
     return None
 
 
-def _build_section(cls: type, raw: dict, section: str, source: str) -> Any:
+def _build_section(cls: type, raw: dict, section: str, source: str, overridden: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -179,13 +179,14 @@ def _build_section(cls: type, raw: dict, section: str, source: str) -> Any:
         if name not in raw:
             continue
         key = f"{section}.{name}"
+        where = f"{source}, command-line override '{overridden[key]}'" if key in overridden else source
         try:
             values[name] = _coerce(raw[name], hints[name])
         except TypeError as exc:
-            raise ConfigError(f"{source}: '{key}' is {raw[name]!r}; expected {exc}") from None
+            raise ConfigError(f"{where}: '{key}' is {raw[name]!r}; expected {exc}") from None
         problem = _check_metadata(values[name], f.metadata)
         if problem:
-            raise ConfigError(f"{source}: '{key}' is {raw[name]!r}; allowed: {problem}")
+            raise ConfigError(f"{where}: '{key}' is {raw[name]!r}; allowed: {problem}")
     return cls(**values)
 
 
@@ -209,8 +210,12 @@ def _validate_across_fields(recipe: Recipe, source: str) -> None:
         raise ConfigError(f"{source}: 'certify.eps' is {recipe.certify.eps}; allowed: positive radii")
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`section.key=value` pairs (values parsed as YAML) applied onto the raw recipe dict."""
+def apply_overrides(raw: dict, overrides: list[str]) -> dict[str, str]:
+    """Apply `section.key=value` pairs (values parsed as YAML) onto the raw recipe dict in place.
+
+    Returns {dotted key: the override text} so that errors can point at the command line.
+    """
+    applied = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.split(".")
@@ -222,12 +227,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 f"command line: unknown section '{section}' in {item!r}; "
                 f"allowed: {', '.join(f.name for f in dataclasses.fields(Recipe))}"
             )
-        raw.setdefault(section, {})
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"command line: cannot override {item!r}: section '{section}' is not a mapping")
         raw[section][name] = yaml.safe_load(text)
-    return raw
+        applied[key] = item
+    return applied
 
 
-def recipe_from_dict(raw: Any, source: str) -> Recipe:
+def recipe_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe is a mapping of sections, got {type(raw).__name__}")
     sections = {f.name: f for f in dataclasses.fields(Recipe)}
@@ -240,7 +247,7 @@ def recipe_from_dict(raw: Any, source: str) -> Recipe:
             content = {}
         if not isinstance(content, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping, got {content!r}")
-        built[section] = _build_section(hints[section], content, section, source)
+        built[section] = _build_section(hints[section], content, section, source, overridden or {})
     recipe = Recipe(**built)
     _validate_across_fields(recipe, source)
     return recipe
@@ -254,8 +261,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: recipe file not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    source = str(path) if not overrides else f"{path} (with overrides {' '.join(overrides)})"
-    return recipe_from_dict(apply_overrides(raw or {}, list(overrides)), source)
+    raw = raw if raw is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    overridden = apply_overrides(raw, list(overrides))
+    return recipe_from_dict(raw, str(path), overridden)
 
 
 __all__ = [

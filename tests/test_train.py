@@ -1,0 +1,108 @@
+"""The training entry point end to end: outputs of a real quickstart run, the CLI, bf16 masters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lipnext_scale import certified_radius, evaluate, load_pretrained
+from lipnext_scale.config import load_recipe
+from lipnext_scale.data import build_loader, make_digits_shards
+from lipnext_scale.trainer import Trainer
+from tests.conftest import QUICKSTART, REPO
+
+
+def test_eval_json_reports_accuracy_cra_bound_and_orthogonality(trained_quickstart):
+    result = json.loads((trained_quickstart / "eval.json").read_text())
+    assert set(result) >= {"clean_acc", "cra", "lipschitz_bound", "orthogonality_error", "num_params"}
+    assert [row["eps"] for row in result["cra"]] == pytest.approx([36 / 255, 72 / 255, 108 / 255, 1.0])
+    cras = [row["cra"] for row in result["cra"]]
+    assert cras == sorted(cras, reverse=True) and cras[0] <= result["clean_acc"]
+    assert result["clean_acc"] > 0.8, "12 epochs of the quickstart should learn the digits"
+    assert 1.0 <= result["lipschitz_bound"] < 1.001
+    assert result["orthogonality_error"] < 1e-5
+    assert result["num_samples"] == 297
+
+
+def test_metrics_log_every_step_record_with_orthogonality_below_1e5(trained_quickstart):
+    records = [json.loads(line) for line in (trained_quickstart / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    assert len(evals) == 12
+    last = steps[-1]["step"]
+    assert [r["step"] for r in steps] == [*range(5, last, 5), last]
+    assert all(r["orthogonality_error"] < 1e-5 for r in steps)
+    assert all(r["images_per_s"] > 0 and r["skipped_steps"] == 0 for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_saved_weights_reload_to_the_same_certificates(trained_quickstart):
+    model = load_pretrained(trained_quickstart / "model.safetensors")
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with safe_open(str(trained_quickstart / "model.safetensors"), framework="pt") as f:
+        embedded = json.loads(f.metadata()["recipe"])
+    assert embedded["model"]["size"] == load_recipe(QUICKSTART).model.size
+    test_manifest = make_digits_shards(trained_quickstart / "data")["test"]
+    loader = build_loader(test_manifest, batch_size=128, train=False, image_size=32)
+    reloaded = evaluate(model, loader)
+    saved = json.loads((trained_quickstart / "eval.json").read_text())
+    assert reloaded["clean_acc"] == saved["clean_acc"]
+    assert [r["cra"] for r in reloaded["cra"]] == [r["cra"] for r in saved["cra"]]
+    images, _ = next(iter(loader))
+    radius, pred = certified_radius(model, model(images))
+    assert radius.shape == pred.shape == (len(images),)
+
+
+def test_certification_refuses_bf16_weights(trained_quickstart):
+    model = load_pretrained(trained_quickstart / "model.safetensors").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="fp32"):
+        certified_radius(model, torch.zeros(1, 10))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "lipnext_scale" / "train.py"), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+
+
+def test_cli_runs_a_capped_quickstart_and_writes_its_outputs(tmp_path, trained_quickstart):
+    out = tmp_path / "run"
+    proc = run_cli(str(QUICKSTART), "train.max_steps=3", f"run.output_dir={out}",
+                   f"data.root={trained_quickstart / 'data'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "clean" in proc.stdout and "Lipschitz bound" in proc.stdout
+    assert (out / "model.safetensors").exists() and (out / "eval.json").exists()
+    assert len([ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]) == 1
+
+
+def test_cli_rejects_a_bad_override_naming_the_key(tmp_path):
+    proc = run_cli(str(QUICKSTART), "model.beta=2", f"run.output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "model.beta" in proc.stderr and "quickstart.yaml" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bf16_compute_keeps_fp32_masters_and_saves_fp32(tmp_path, trained_quickstart):
+    recipe = load_recipe(QUICKSTART, ["train.precision=bf16", "train.max_steps=4", "train.log_every=1",
+                                      f"run.output_dir={tmp_path}", f"data.root={trained_quickstart / 'data'}"])
+    trainer = Trainer(recipe)
+    try:
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+        result = trainer.fit()
+        trainer.save(result)
+    finally:
+        trainer.close()
+    masters = trainer.fp32_state()
+    assert {v.dtype for v in masters.values()} == {torch.float32}
+    assert result["orthogonality_error"] < 1e-5
+    # The bf16 copies are rounded masters, not independent weights.
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param.data, masters[name].to(torch.bfloat16)), name
+    assert {p.dtype for p in load_pretrained(tmp_path / "model.safetensors").parameters()} == {torch.float32}
