@@ -58,6 +58,40 @@ def certified_radius(
 
 
 @torch.no_grad()
+def certification_counts(
+    model: LipNeXt,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    eps_list: list[float],
+    lipschitz: float,
+    pair_distances: torch.Tensor,
+) -> torch.Tensor:
+    """[correct, certified at each ε…, total] over `batches`: counts, so ranks can sum theirs."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(len(eps_list) + 2, dtype=torch.long)
+    device = next(model.parameters()).device
+    for images, labels in batches:
+        radius, pred = certified_radius(model, model(images.to(device)), lipschitz, pair_distances)
+        hit = pred == labels.cpu()
+        counts[0] += hit.sum()
+        counts[1:-1] += torch.stack([(hit & (radius >= eps)).sum() for eps in eps_list])
+        counts[-1] += len(labels)
+    model.train(was_training)
+    return counts
+
+
+def summarize(counts: torch.Tensor, eps_list: list[float], lipschitz: float) -> dict:
+    total = int(counts[-1])
+    if total == 0:
+        raise ValueError("evaluation saw no samples")
+    return {
+        "clean_acc": int(counts[0]) / total,
+        "cra": [{"eps": eps, "cra": int(c) / total} for eps, c in zip(eps_list, counts[1:-1])],
+        "lipschitz_bound": lipschitz,
+        "num_samples": total,
+    }
+
+
 def evaluate(
     model: LipNeXt,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -65,30 +99,10 @@ def evaluate(
 ) -> dict:
     """Clean accuracy and CRA at each ε over `batches` of (images in [0,1], labels); fp32 weights only."""
     require_fp32(model)
-    was_training = model.training
-    model.eval()
-    lipschitz = model.lipschitz_bound()
-    distances = head_pair_distances(model)
     eps_list = list(eps_list)
-    correct = torch.zeros((), dtype=torch.long)
-    certified = torch.zeros(len(eps_list), dtype=torch.long)
-    total = 0
-    device = next(model.parameters()).device
-    for images, labels in batches:
-        radius, pred = certified_radius(model, model(images.to(device)), lipschitz, distances)
-        hit = pred == labels.cpu()
-        correct += hit.sum()
-        certified += torch.stack([(hit & (radius >= eps)).sum() for eps in eps_list])
-        total += len(labels)
-    model.train(was_training)
-    if total == 0:
-        raise ValueError("evaluate got no samples")
-    return {
-        "clean_acc": correct.item() / total,
-        "cra": [{"eps": eps, "cra": c / total} for eps, c in zip(eps_list, certified.tolist())],
-        "lipschitz_bound": lipschitz,
-        "num_samples": total,
-    }
+    lipschitz = model.lipschitz_bound()
+    counts = certification_counts(model, batches, eps_list, lipschitz, head_pair_distances(model))
+    return summarize(counts, eps_list, lipschitz)
 
 
 def format_table(result: dict) -> str:

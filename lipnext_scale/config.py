@@ -81,6 +81,10 @@ class TrainConfig:
     eps_ramp: tuple[float, float] = (0.1, 3.0)
     seed: int = 0
     log_every: int = field(default=10, metadata=_range(1))
+    # Per-rank micro-batch; 0 = data.batch_size / ranks (no gradient accumulation).
+    micro_batch_size: int = field(default=0, metadata=_range(0))
+    # Non-finite steps are skipped on every rank; this many in a row stop the run.
+    max_consecutive_skips: int = field(default=10, metadata=_range(1))
 
 
 @dataclass
@@ -93,6 +97,11 @@ class CertifyConfig:
 class RunConfig:
     output_dir: str = "runs/quickstart"
     wandb: bool = False
+    # Checkpoints go to <output_dir>/checkpoints every n optimizer steps (0 = only at the end).
+    checkpoint_every: int = field(default=0, metadata=_range(0))
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    # Continue from <output_dir>/checkpoints/latest when it exists.
+    resume: bool = True
 
 
 @dataclass

@@ -21,6 +21,8 @@ def emma_loss(
     margin's radius clipped to [0, ε] and detached (EMMA), so points far from robust are not over-pushed.
     `head_weight` holds the normalised head rows (C, W).
     """
+    if eps == 0:  # the ε → 0 limit; dividing by ε·k would give 0/0 = NaN at a tie between logits
+        return F.cross_entropy(logits, labels)
     k = lipschitz * head_pair_distances_from_unit_rows(head_weight)[labels]  # (B, C)
     margins = logits.gather(1, labels[:, None]) - logits
     fraction = (margins / (eps * k)).clamp(0, 1).detach()

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lipnext_scale.config import ConfigError, load_recipe
-from lipnext_scale.trainer import Trainer
+from lipnext_scale.trainer import TooManySkippedSteps, Trainer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer = Trainer(recipe)
+    trainer = Trainer(recipe, local_rank=args.local_rank)
     try:
-        result = trainer.fit()
-        trainer.save(result)
+        trainer.save(trainer.fit())
+    except TooManySkippedSteps as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     finally:
         trainer.close()
     return 0

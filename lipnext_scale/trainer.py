@@ -1,22 +1,36 @@
-"""The training loop: data → forward → loss → backward → manifold step, with evaluation and logging."""
+"""The training loop: data → forward → loss → backward → sharded manifold step, evaluation, checkpoints.
+
+The same code runs as one process or as N ranks under deepspeed/torchrun; `engine` owns DeepSpeed.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from lipnext_scale.certify import evaluate, format_table
+from lipnext_scale import engine as ds
+from lipnext_scale.certify import certification_counts, format_table, head_pair_distances, summarize
+from lipnext_scale.checkpoint import (
+    IncompleteCheckpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from lipnext_scale.config import Recipe
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.loss import classification_loss, training_eps
 from lipnext_scale.model.layers import orthogonality_error
-from lipnext_scale.optim import ManifoldHyper, ManifoldOptimizer, lr_schedule, parameter_kind
+from lipnext_scale.optim import ManifoldHyper, lr_schedule, parameter_kind
+from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
 from lipnext_scale.pretrained import build_model, save_pretrained
+
+
+class TooManySkippedSteps(RuntimeError):
+    pass
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -26,13 +40,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def data_manifests(recipe: Recipe) -> tuple[Path, Path]:
+def data_manifests(recipe: Recipe, is_main: bool) -> tuple[Path, Path]:
     d = recipe.data
-    if d.source == "digits":
-        root = Path(d.root) if d.root else Path(recipe.run.output_dir) / "data"
-        manifests = make_digits_shards(root, image_size=recipe.model.image_size)
-        return manifests["train"], manifests["test"]
-    return Path(d.train_manifest), Path(d.val_manifest)
+    if d.source != "digits":
+        return Path(d.train_manifest), Path(d.val_manifest)
+    root = Path(d.root) if d.root else Path(recipe.run.output_dir) / "data"
+    if is_main:  # one writer; the others reuse the finished shards
+        make_digits_shards(root, image_size=recipe.model.image_size)
+    ds.barrier()
+    manifests = make_digits_shards(root, image_size=recipe.model.image_size)
+    return manifests["train"], manifests["test"]
 
 
 def named_parameters_with_kinds(model) -> list[tuple[str, torch.nn.Parameter, str]]:
@@ -40,9 +57,9 @@ def named_parameters_with_kinds(model) -> list[tuple[str, torch.nn.Parameter, st
     return [(n, p, parameter_kind(p, id(p) in manifold)) for n, p in model.named_parameters()]
 
 
-def build_optimizer(model, recipe: Recipe) -> ManifoldOptimizer:
+def manifold_hyper(recipe: Recipe) -> ManifoldHyper:
     o = recipe.optim
-    hyper = ManifoldHyper(
+    return ManifoldHyper(
         lr=o.lr,
         euclidean_lr=o.euclidean_lr,
         betas=o.betas,
@@ -53,159 +70,278 @@ def build_optimizer(model, recipe: Recipe) -> ManifoldOptimizer:
         lookahead_alpha=o.lookahead_alpha,
         reorthogonalize_every=o.reorthogonalize_every,
     )
-    return ManifoldOptimizer(named_parameters_with_kinds(model), hyper)
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, device: torch.device | None = None):
+    def __init__(self, recipe: Recipe, local_rank: int | None = None):
         self.recipe = recipe
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = ds.setup_distributed(local_rank)
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
         self.out = Path(recipe.run.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(recipe.train.seed)
 
-        train_manifest, val_manifest = data_manifests(recipe)
         d, t = recipe.data, recipe.train
-        self.train_loader = build_loader(
-            train_manifest,
-            batch_size=d.batch_size,
-            train=True,
-            image_size=recipe.model.image_size,
-            augment=d.augment,
-            seed=t.seed,
+        micro = t.micro_batch_size or max(1, d.batch_size // self.dist.world_size)
+        config = ds.deepspeed_config(d.batch_size, micro, self.dist.world_size, self.out / "monitor")
+        self.accumulation = config["gradient_accumulation_steps"]
+        train_manifest, val_manifest = data_manifests(recipe, self.is_main)
+        common = dict(
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
             backend=d.backend,
             device=self.device.type,
+            image_size=recipe.model.image_size,
+        )
+        self.train_loader = build_loader(
+            train_manifest, batch_size=micro, train=True, augment=d.augment, seed=t.seed, **common
         )
         self.val_loader = build_loader(
-            val_manifest,
-            batch_size=recipe.certify.batch_size,
-            train=False,
-            image_size=recipe.model.image_size,
-            backend=d.backend,
-            device=self.device.type,
+            val_manifest, batch_size=recipe.certify.batch_size, train=False, **common
         )
 
-        self.model = build_model(recipe).to(self.device)
-        self.num_params = sum(p.numel() for p in self.model.parameters())
-        self.optimizer = build_optimizer(self.model, recipe)
+        model = build_model(recipe).to(self.device)
+        self.num_params = sum(p.numel() for p in model.parameters())
+
+        def make_optimizer(_params):
+            # Called by DeepSpeed after it has broadcast rank 0's weights: masters start identical everywhere.
+            return ShardedManifoldOptimizer(
+                named_parameters_with_kinds(model), manifold_hyper(recipe), grad_clip=recipe.optim.grad_clip
+            )
+
+        self.engine, self.optimizer = ds.initialize(model, make_optimizer, config)
+        self.model = model
         # Cast after the optimizer has taken its fp32 masters from the fp32 weights.
         self.compute_dtype = resolve_precision(t.precision, self.device)
         for p in self.model.parameters():
             p.data = p.data.to(self.compute_dtype)
 
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.train_loader) // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{train_manifest}: too few samples for one step of batch {d.batch_size}")
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.warmup_steps = int(recipe.optim.warmup_epochs * self.steps_per_epoch)
         self.step = 0
-        self.skipped_steps = 0
-        self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        self.epoch = 0
+        self._saved_step = -1
+        self._window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        self.metrics_file = open(self.out / "metrics.jsonl", "a") if self.is_main else None
+        self.resumed_from = self._maybe_resume() if recipe.run.resume else None
+        self._log_optimizer_bytes()
 
-    # --- one step ---
+    # --- one micro-batch; every `accumulation` of them make an optimizer step ---
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    def train_micro_batch(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Forward and backward one micro-batch; returns True when it completed an optimizer step."""
         t, o = self.recipe.train, self.recipe.optim
-        lr_factor = lr_schedule(self.step, self.warmup_steps, self.total_steps, o.min_lr_ratio)
-        self.optimizer.set_lr_factor(lr_factor)
         eps = training_eps(t.eps, t.eps_ramp, self.step / max(1, self.total_steps - 1))
-        logits = self.model(images.to(self.device))
         labels = labels.to(self.device)
+        logits = self.engine(images.to(self.device))
         head = self.model.head.normalized_weight().float()
         loss = classification_loss(t.loss, logits, labels, head, eps)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip or math.inf)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-        else:
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.note_loss(loss)
+        self.engine.backward(loss)
+        n = len(labels)
+        self._window["loss"] += loss.item() * n
+        self._window["correct"] += (logits.argmax(1) == labels).sum().item()
+        self._window["count"] += n
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self.optimizer.set_lr_factor(
+                lr_schedule(self.step, self.warmup_steps, self.total_steps, o.min_lr_ratio)
+            )
+        self.engine.step()
+        if not boundary:
+            return False
         self.step += 1
+        if self.optimizer.consecutive_skips >= t.max_consecutive_skips:
+            raise TooManySkippedSteps(
+                f"stopping: {self.optimizer.consecutive_skips} optimizer steps in a row had a non-finite "
+                f"loss or gradient (skipped on every rank). Last good checkpoint: {self._last_checkpoint()}"
+            )
+        return True
+
+    def step_stats(self, eps: float) -> dict:
+        """Global (all-rank) loss and accuracy since the last call, plus optimizer scalars."""
+        w = ds.all_reduce_sum(
+            torch.tensor(
+                [self._window["loss"], self._window["correct"], self._window["count"]], dtype=torch.float64
+            )
+        )
+        self._window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         return {
-            "loss": loss.item(),
-            "acc": (logits.argmax(1) == labels).float().mean().item(),
-            "grad_norm": grad_norm.item(),
+            "step": self.step,
+            "epoch": self.epoch + 1,
+            "loss": (w[0] / w[2]).item(),
+            "acc": (w[1] / w[2]).item(),
+            "grad_norm": self.optimizer._global_grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "eps": eps,
+            "skipped_steps": self.optimizer.skipped_steps,
+            "orthogonality_error": self.orthogonality_error(),
         }
 
     # --- evaluation and outputs ---
 
     def fp32_state(self) -> dict[str, torch.Tensor]:
-        """The fp32 masters as a state dict (the truth; the model may hold bf16 copies)."""
-        masters = {s["name"]: s["master"] for s in self.optimizer.state.values()}
-        return {name: masters[name] for name, _ in self.model.named_parameters()}
+        """Every parameter's fp32 master, gathered from its owner (collective)."""
+        return self.optimizer.gather_fp32_state()
 
     def fp32_model(self):
-        if self.compute_dtype == torch.float32:
-            return self.model
+        state = self.fp32_state()
         if not hasattr(self, "_eval_model"):
             with torch.device("meta"):
                 self._eval_model = build_model(self.recipe)
-        self._eval_model.load_state_dict({k: v.clone() for k, v in self.fp32_state().items()}, assign=True)
+        self._eval_model.load_state_dict(state, assign=True)
         return self._eval_model
 
     def orthogonality_error(self) -> float:
-        masters = [self.optimizer.state[p]["master"] for _, p in self.model.orthogonal_parameters()]
-        return orthogonality_error(masters)
+        """max |XᵀX − I| over the fp32 masters of every rank (each rank measures what it owns)."""
+        owned = [
+            s["master"]
+            for p, s in self.optimizer.state.items()
+            if self.optimizer.kind_of[id(p)] != "euclidean"
+        ]
+        errors = ds.all_gather_objects(orthogonality_error(owned))
+        return max(errors)
 
     def evaluate(self) -> dict:
         model = self.fp32_model()
-        result = evaluate(model, self.val_loader, self.recipe.certify.eps)
+        eps_list = list(self.recipe.certify.eps)
+        lipschitz = model.lipschitz_bound()
+        counts = certification_counts(model, self.val_loader, eps_list, lipschitz, head_pair_distances(model))
+        result = summarize(ds.all_reduce_sum(counts), eps_list, lipschitz)
         result["orthogonality_error"] = self.orthogonality_error()
         result["num_params"] = self.num_params
         return result
 
     def log(self, record: dict) -> None:
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    def _log_optimizer_bytes(self) -> None:
+        mine = self.optimizer.optimizer_bytes()
+        owned = len(self.optimizer.state)
+        print(
+            f"[rank {self.dist.rank}/{self.dist.world_size}] optimizer state {mine / 2**20:.2f} MiB, "
+            f"owns {owned} of {len(self.optimizer.owners)} parameters",
+            flush=True,
+        )
+        per_rank = ds.all_gather_objects(mine)
+        self.log({"step": self.step, "optimizer_bytes_per_rank": per_rank})
+
+    # --- checkpoints ---
+
+    def save_checkpoint(self) -> None:
+        if self._saved_step == self.step:
+            return
+        self._saved_step = self.step
+        state = {"step": self.step, "epoch": self.epoch, "data": self.train_loader.state_dict()}
+        save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            self.dist.rank,
+            self.dist.world_size,
+            self.optimizer,
+            state,
+            recipe=self.recipe.to_dict(),
+            keep=self.recipe.run.keep_checkpoints,
+        )
+
+    def _last_checkpoint(self) -> str:
+        try:
+            return str(resolve_checkpoint(self.ckpt_dir)[0])
+        except IncompleteCheckpoint:
+            return "none"
+
+    def _maybe_resume(self) -> Path | None:
+        if not (self.ckpt_dir / "latest").exists():
+            return None
+        tag_dir, manifest = resolve_checkpoint(self.ckpt_dir)
+        state = load_checkpoint(tag_dir, manifest, self.dist.rank, self.dist.world_size, self.optimizer)
+        self.step, self.epoch = state["step"], state["epoch"]
+        if "data" in state:
+            self.train_loader.load_state_dict(state["data"])
+        elif self.is_main:
+            print(
+                f"resuming on {self.dist.world_size} ranks from a {manifest['world_size']}-rank checkpoint: "
+                "the data stream restarts (its position is per rank split)",
+                flush=True,
+            )
+        if self.is_main:
+            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+        return tag_dir
 
     # --- the loop ---
 
     def fit(self) -> dict:
-        t = self.recipe.train
-        bar = tqdm(total=self.total_steps, desc="train", unit="step", dynamic_ncols=True)
+        t, run = self.recipe.train, self.recipe.run
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.is_main,
+            mininterval=1.0,
+        )
         result = None
-        epoch = 0
         while self.step < self.total_steps:
-            epoch += 1
             tick, seen = time.perf_counter(), 0
+            epoch_done = True
             for images, labels in self.train_loader:
-                stats = self.train_step(images, labels)
                 seen += len(labels)
+                if not self.train_micro_batch(images, labels):
+                    continue
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    stats.update(
-                        step=self.step,
-                        epoch=epoch,
-                        images_per_s=seen / (time.perf_counter() - tick),
-                        orthogonality_error=self.orthogonality_error(),
-                        skipped_steps=self.skipped_steps,
-                    )
+                    eps = training_eps(t.eps, t.eps_ramp, (self.step - 1) / max(1, self.total_steps - 1))
+                    stats = self.step_stats(eps)
+                    stats["images_per_s"] = seen * self.dist.world_size / (time.perf_counter() - tick)
                     self.log(stats)
+                    ds.write_monitor_events(self.engine, stats, self.step)
                     bar.set_postfix(
                         loss=f"{stats['loss']:.3f}",
                         acc=f"{stats['acc']:.3f}",
                         img_s=f"{stats['images_per_s']:.0f}",
                     )
+                if run.checkpoint_every and self.step % run.checkpoint_every == 0:
+                    self.save_checkpoint()
                 if self.step >= self.total_steps:
+                    epoch_done = self.train_loader.position == len(self.train_loader)
                     break
+            if epoch_done:
+                self.epoch += 1
             result = self.evaluate()
-            self.log({"step": self.step, "epoch": epoch, "eval": result})
-            bar.write(
-                f"epoch {epoch}: clean {100 * result['clean_acc']:.2f}%  "
-                + "  ".join(f"CRA@{r['eps']:.3f} {100 * r['cra']:.2f}%" for r in result["cra"])
-            )
+            self.log({"step": self.step, "epoch": self.epoch, "eval": result})
+            if self.is_main:
+                bar.write(
+                    f"epoch {self.epoch}: clean {100 * result['clean_acc']:.2f}%  "
+                    + "  ".join(f"CRA@{r['eps']:.3f} {100 * r['cra']:.2f}%" for r in result["cra"])
+                )
         bar.close()
+        if result is None:  # resumed after the last step: nothing left to train
+            result = self.evaluate()
         return result
 
     def save(self, result: dict) -> None:
-        save_pretrained(self.out / "model.safetensors", self.fp32_state(), self.recipe)
-        tmp = self.out / "eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(self.out / "eval.json")
-        print(format_table(result))
+        """Final checkpoint (collective), then rank 0 writes model.safetensors and eval.json."""
+        self.save_checkpoint()
+        state = self.fp32_state()
+        if self.is_main:
+            save_pretrained(self.out / "model.safetensors", state, self.recipe)
+            tmp = self.out / "eval.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2))
+            tmp.replace(self.out / "eval.json")
+            print(format_table(result))
 
     def close(self) -> None:
-        self.metrics_file.close()
+        if self.metrics_file:
+            self.metrics_file.close()
+        ds.shutdown()

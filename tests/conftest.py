@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lipnext_scale.config import load_recipe
+from lipnext_scale.data import make_digits_shards
 from lipnext_scale.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,11 +15,20 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="session")
-def trained_quickstart(tmp_path_factory) -> Path:
+def digits_root(tmp_path_factory) -> Path:
+    """The quickstart's digits shards, written once per session, where `trained_quickstart` finds them."""
+    root = tmp_path_factory.mktemp("quickstart") / "data"
+    make_digits_shards(root, image_size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_quickstart(tmp_path_factory, digits_root) -> Path:
     """A run directory of the quickstart recipe trained briefly (about 30 s): model.safetensors, eval.json,
-    metrics.jsonl, and the digits shards under data/ (test manifest: data/digits-test.manifest.json)."""
-    run_dir = tmp_path_factory.mktemp("quickstart")
-    recipe = load_recipe(QUICKSTART, [f"run.output_dir={run_dir}", "train.epochs=12", "train.log_every=5"])
+    metrics.jsonl, and the digits shards under data/ (`digits_root`)."""
+    run_dir = digits_root.parent
+    overrides = [f"run.output_dir={run_dir}", "train.epochs=12", "train.log_every=5"]
+    recipe = load_recipe(QUICKSTART, overrides)
     trainer = Trainer(recipe)
     try:
         trainer.save(trainer.fit())

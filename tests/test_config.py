@@ -83,12 +83,16 @@ def test_missing_recipe_file_is_named(tmp_path):
 
 def test_dotted_overrides_are_typed_and_validated(tmp_path):
     path = write(tmp_path, "train:\n  epochs: 3\n")
-    recipe = load_recipe(path, ["train.epochs=2", "run.output_dir=runs/try", "optim.lr=5e-3", "train.eps=72/255"])
+    recipe = load_recipe(
+        path, ["train.epochs=2", "run.output_dir=runs/try", "optim.lr=5e-3", "train.eps=72/255"]
+    )
     assert recipe.train.epochs == 2
     assert recipe.run.output_dir == "runs/try"
     assert recipe.optim.lr == pytest.approx(5e-3)
     assert recipe.train.eps == pytest.approx(72 / 255)
-    with pytest.raises(ConfigError, match="bad.yaml, command-line override .model.beta=2.: .model.beta. is 2"):
+    with pytest.raises(
+        ConfigError, match="bad.yaml, command-line override .model.beta=2.: .model.beta. is 2"
+    ):
         load_recipe(path, ["train.epochs=2", "model.beta=2"])
     with pytest.raises(ConfigError, match="not of the form section.key=value"):
         load_recipe(path, ["epochs=2"])

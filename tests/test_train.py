@@ -68,14 +68,21 @@ def test_certification_refuses_bf16_weights(trained_quickstart):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "lipnext_scale" / "train.py"), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
 
 
 def test_cli_runs_a_capped_quickstart_and_writes_its_outputs(tmp_path, trained_quickstart):
     out = tmp_path / "run"
-    proc = run_cli(str(QUICKSTART), "train.max_steps=3", f"run.output_dir={out}",
-                   f"data.root={trained_quickstart / 'data'}")
+    proc = run_cli(
+        str(QUICKSTART),
+        "train.max_steps=3",
+        f"run.output_dir={out}",
+        f"data.root={trained_quickstart / 'data'}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "clean" in proc.stdout and "Lipschitz bound" in proc.stdout
     assert (out / "model.safetensors").exists() and (out / "eval.json").exists()
@@ -90,8 +97,16 @@ def test_cli_rejects_a_bad_override_naming_the_key(tmp_path):
 
 
 def test_bf16_compute_keeps_fp32_masters_and_saves_fp32(tmp_path, trained_quickstart):
-    recipe = load_recipe(QUICKSTART, ["train.precision=bf16", "train.max_steps=4", "train.log_every=1",
-                                      f"run.output_dir={tmp_path}", f"data.root={trained_quickstart / 'data'}"])
+    recipe = load_recipe(
+        QUICKSTART,
+        [
+            "train.precision=bf16",
+            "train.max_steps=4",
+            "train.log_every=1",
+            f"run.output_dir={tmp_path}",
+            f"data.root={trained_quickstart / 'data'}",
+        ],
+    )
     trainer = Trainer(recipe)
     try:
         assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}

@@ -44,9 +44,18 @@ def parameter_kind(param: torch.Tensor, is_manifold: bool) -> str:
 
 
 class ManifoldOptimizer(torch.optim.Optimizer):
-    """Updates `named_params`, a list of (name, param, kind) with kind in KINDS."""
+    """Updates `named_params`, a list of (name, param, kind) with kind in KINDS.
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter, str]], hyper: ManifoldHyper):
+    Only the `owned` names (default: all) get a master and optimizer state; the others are updated by
+    whoever owns them (see `ShardedManifoldOptimizer`).
+    """
+
+    def __init__(
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter, str]],
+        hyper: ManifoldHyper,
+        owned: set[str] | None = None,
+    ):
         for name, _, kind in named_params:
             if kind not in KINDS:
                 raise ValueError(f"parameter {name}: unknown kind {kind!r}")
@@ -65,9 +74,11 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         super().__init__(groups, {})
         self.hyper = hyper
         self.step_count = 0
-        for group in self.param_groups:
-            for name, param in zip(group["names"], group["params"]):
-                self.state[param] = self._initial_state(param, group["kind"])
+        self.kind_of = {id(p): kind for _, p, kind in named_params}
+        self.group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        for name, param, kind in named_params:
+            if owned is None or name in owned:
+                self.state[param] = self._initial_state(param, kind)
                 self.state[param]["name"] = name
 
     def _initial_state(self, param: torch.Tensor, kind: str) -> dict:
@@ -93,23 +104,28 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("ManifoldOptimizer does not take a closure")
         self.step_count += 1
-        h = self.hyper
-        lookahead_now = h.lookahead_k and self.step_count % h.lookahead_k == 0
-        reortho_now = h.reorthogonalize_every and self.step_count % h.reorthogonalize_every == 0
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                grad = param.grad.float()
-                update = getattr(self, f"_update_{group['kind']}")
-                update(state, grad, group["lr"])
-                if lookahead_now:
-                    getattr(self, f"_lookahead_{group['kind']}")(state)
-                if reortho_now and group["kind"] != "euclidean":
-                    state["master"].copy_(reorthogonalize(state["master"]))
-                if param.data is not state["master"]:
-                    param.data.copy_(state["master"])
+                if param.grad is not None and param in self.state:
+                    self.update_parameter(param, param.grad.float())
+                    self.write_back(param)
+
+    def update_parameter(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+        """One step of `param`'s master from its (fp32, already averaged and clipped) gradient."""
+        h = self.hyper
+        kind = self.kind_of[id(param)]
+        state = self.state[param]
+        getattr(self, f"_update_{kind}")(state, grad, self.group_of[id(param)]["lr"])
+        if h.lookahead_k and self.step_count % h.lookahead_k == 0:
+            getattr(self, f"_lookahead_{kind}")(state)
+        if kind != "euclidean" and h.reorthogonalize_every and self.step_count % h.reorthogonalize_every == 0:
+            state["master"].copy_(reorthogonalize(state["master"]))
+
+    def write_back(self, param: torch.nn.Parameter) -> None:
+        """Copy the master into the (possibly lower-precision) model weight."""
+        master = self.state[param]["master"]
+        if param.data is not master:
+            param.data.copy_(master)
 
     def _adam_direction(self, state: dict, direction_grad: torch.Tensor) -> torch.Tensor:
         """Bias-corrected Adam ratio m̂ / (√v̂ + eps), moments updated in place."""
@@ -192,8 +208,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
                     if full_key not in tensors:
                         raise KeyError(f"optimizer checkpoint lacks {full_key}")
                     value.copy_(tensors[full_key])
-            if param.data is not state["master"]:
-                param.data.copy_(state["master"])
+            self.write_back(param)
 
 
 def lr_schedule(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

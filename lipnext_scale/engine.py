@@ -1,0 +1,124 @@
+"""DeepSpeed, and only here: process groups, the engine, gradient accumulation, monitors (DESIGN.md §3).
+
+DeepSpeed runs at ZeRO stage 0 as the engine; the sharded manifold optimizer is plugged in as its optimizer.
+Its own ZeRO stages cut flat slices through matrices (no retraction possible), and its bf16 wrapper would
+keep a full fp32 copy of every weight on every rank, so both stay off: we cast the model to bf16 ourselves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# Variables that setup_distributed invented for a launcher-less run; shutdown removes them again so that
+# subprocesses (and a later run in the same process) do not mistake them for a launcher's.
+_ENV_SET_HERE: list[str] = []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(local_rank_arg: int | None = None) -> DistInfo:
+    """Join (or, for a plain `python train.py`, create) the process group: NCCL on GPUs, gloo on CPUs."""
+    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # one process, no launcher: a world of one, same code path
+        single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="")
+        single["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+        _ENV_SET_HERE.extend(k for k in single if k not in os.environ)
+        os.environ.update(single)
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def deepspeed_config(global_batch: int, micro_batch: int, world_size: int, monitor_dir: Path) -> dict:
+    if global_batch % (micro_batch * world_size):
+        raise ValueError(
+            f"data.batch_size = {global_batch} is not a multiple of train.micro_batch_size ({micro_batch}) "
+            f"× ranks ({world_size}); choose sizes so that batch = micro_batch × ranks × accumulation steps"
+        )
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": global_batch // (micro_batch * world_size),
+        "gradient_clipping": 0.0,  # clipped with the true global norm inside the sharded optimizer
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "csv_monitor": {"enabled": True, "output_path": str(monitor_dir), "job_name": "train"},
+    }
+
+
+def initialize(model: torch.nn.Module, optimizer_factory, config: dict):
+    """`deepspeed.initialize` with our optimizer, built after the engine has broadcast rank 0's weights.
+
+    The engine's gradient all-reduce is turned off: the optimizer reduce-scatters to owners instead.
+    """
+    import deepspeed
+
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory, config=config)
+    engine.enable_backward_allreduce = False
+    return engine, optimizer
+
+
+def write_monitor_events(engine, scalars: dict[str, float], step: int) -> None:
+    if getattr(engine, "monitor", None) is not None and engine.monitor.enabled:
+        engine.monitor.write_events([(f"train/{k}", float(v), step) for k, v in scalars.items()])
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def all_gather_objects(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a new run can start
+    while _ENV_SET_HERE:
+        os.environ.pop(_ENV_SET_HERE.pop(), None)

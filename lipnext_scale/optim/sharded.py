@@ -1,0 +1,221 @@
+"""The manifold optimizer sharded across data-parallel ranks by whole matrices (DESIGN.md §3).
+
+Every parameter has one owner rank, chosen largest-first onto the least-loaded rank. Only the owner keeps
+its fp32 master, Adam moments and Lookahead state. Per optimizer step:
+
+1. gradients, accumulated in fp32 across micro-batches in a flat buffer laid out owner by owner, are
+   reduce-scattered so each rank receives the summed gradients of what it owns;
+2. the global gradient norm (for clipping, and to detect non-finite steps) is one all-reduce of a scalar;
+3. each owner updates its masters (a retraction needs the whole matrix, which is why ownership is per
+   matrix and not per flat slice as in ZeRO);
+4. the updated weights, in the compute dtype, are all-gathered into every rank's model.
+
+With one process (torch.distributed not initialised) the same code runs without communication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lipnext_scale.optim.manifold import ManifoldHyper, ManifoldOptimizer
+
+
+def assign_owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Deterministic, load-balanced ownership: largest first onto the least-loaded rank (ties: lowest rank,
+    names break size ties) — independent of the order in which `sizes` lists the parameters."""
+    load = [0] * world_size
+    owners = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return owners
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each parameter lives in the owner-ordered flat buffers: rank r's segment is
+    [r·segment, (r+1)·segment), padded to the largest rank's total so collectives get equal sizes."""
+
+    offsets: dict[str, int]
+    segment: int
+    world_size: int
+
+    @classmethod
+    def build(cls, named_sizes: list[tuple[str, int]], owners: dict[str, int], world_size: int) -> FlatLayout:
+        fill = [0] * world_size
+        local = {}
+        for name, size in named_sizes:  # model order within each segment
+            rank = owners[name]
+            local[name] = (rank, fill[rank])
+            fill[rank] += size
+        segment = max(max(fill), 1)
+        offsets = {name: rank * segment + off for name, (rank, off) in local.items()}
+        return cls(offsets, segment, world_size)
+
+    @property
+    def total(self) -> int:
+        return self.segment * self.world_size
+
+
+# torch 2.13 renamed the flat-tensor collectives; older versions only have the *_tensor names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardedManifoldOptimizer(ManifoldOptimizer):
+    """`ManifoldOptimizer` whose state is partitioned by whole parameters across the default process group.
+
+    Gradients never stay in `param.grad`: a hook moves each one into the fp32 accumulation buffer as soon as
+    autograd has produced it, so micro-batches accumulate in fp32 whatever the compute dtype.
+    """
+
+    def __init__(
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter, str]],
+        hyper: ManifoldHyper,
+        grad_clip: float = 0.0,
+    ):
+        self.rank, self.world_size = _world()
+        sizes = {name: p.numel() for name, p, _ in named_params}
+        self.owners = assign_owners(sizes, self.world_size)
+        owned = {name for name, rank in self.owners.items() if rank == self.rank}
+        super().__init__(named_params, hyper, owned=owned)
+        self.grad_clip = grad_clip
+        self.params_by_name = {name: p for name, p, _ in named_params}
+        self.layout = FlatLayout.build(
+            [(n, p.numel()) for n, p, _ in named_params], self.owners, self.world_size
+        )
+        device = named_params[0][1].device
+        self.grad_buffer = torch.zeros(self.layout.total, dtype=torch.float32, device=device)
+        self.loss_finite = True
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._global_grad_norm = 0.0
+        self.overflow = False  # read by DeepSpeed's engine after step() to count skipped steps
+        for name, param in self.params_by_name.items():
+            param.register_post_accumulate_grad_hook(self._accumulate_hook(name))
+
+    # --- gradients ---
+
+    def _accumulate_hook(self, name: str):
+        offset = self.layout.offsets[name]
+
+        def hook(param: torch.Tensor) -> None:
+            self.grad_buffer[offset : offset + param.numel()].add_(param.grad.reshape(-1))
+            param.grad = None
+
+        return hook
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Record whether a micro-batch's loss was finite; a non-finite one makes the whole step skip."""
+        self.loss_finite = self.loss_finite and bool(torch.isfinite(loss.detach()))
+
+    def _my_segment(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.rank * self.layout.segment : (self.rank + 1) * self.layout.segment]
+
+    def _reduce_gradients(self) -> torch.Tensor:
+        """Sum of all ranks' gradients for this rank's segment, averaged over ranks."""
+        if self.world_size == 1:
+            return self.grad_buffer
+        mine = torch.empty(self.layout.segment, dtype=torch.float32, device=self.grad_buffer.device)
+        _reduce_scatter(mine, self.grad_buffer)
+        return mine.div_(self.world_size)
+
+    def _global_norm_and_finite(self, mine: torch.Tensor) -> tuple[float, bool]:
+        stats = torch.stack([mine.double().square().sum(), torch.tensor(0.0 if self.loss_finite else 1.0)])
+        stats = stats.to(mine.device)
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+        norm = math.sqrt(stats[0].item()) if math.isfinite(stats[0].item()) else math.inf
+        return norm, math.isfinite(norm) and stats[1].item() == 0
+
+    # --- the step ---
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("ShardedManifoldOptimizer does not take a closure")
+        mine = self._reduce_gradients()
+        norm, finite = self._global_norm_and_finite(mine)
+        self._global_grad_norm = norm
+        self.loss_finite = True
+        self.overflow = not finite
+        if finite:
+            self.consecutive_skips = 0
+            self._update_owned(mine, norm)
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        # Cleared only now: with one rank, `mine` is the accumulation buffer itself.
+        self.grad_buffer.zero_()
+        if finite:
+            self.broadcast_weights()
+
+    def _update_owned(self, mine: torch.Tensor, norm: float) -> None:
+        self.step_count += 1
+        scale = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip else 1.0
+        base = self.rank * self.layout.segment
+        for param, state in self.state.items():
+            offset = self.layout.offsets[state["name"]] - base
+            grad = mine[offset : offset + param.numel()].view_as(param)
+            self.update_parameter(param, grad * scale if scale != 1.0 else grad)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Gradients live in the accumulation buffer, which step() clears; nothing to do between steps.
+        for param in self.params_by_name.values():
+            param.grad = None
+
+    # --- weights ---
+
+    @torch.no_grad()
+    def broadcast_weights(self) -> None:
+        """All-gather every owner's masters into every rank's model weights, in the compute dtype."""
+        gathered = self.gather(dtype=next(iter(self.params_by_name.values())).dtype)
+        for name, param in self.params_by_name.items():
+            offset = self.layout.offsets[name]
+            param.data.copy_(gathered[offset : offset + param.numel()].view_as(param))
+
+    @torch.no_grad()
+    def gather(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The flat buffer of all masters (owner-ordered layout) in `dtype`, on every rank."""
+        full = torch.zeros(self.layout.total, dtype=dtype, device=self.grad_buffer.device)
+        mine = self._my_segment(full)
+        base = self.rank * self.layout.segment
+        for param, state in self.state.items():
+            offset = self.layout.offsets[state["name"]] - base
+            mine[offset : offset + param.numel()].copy_(state["master"].reshape(-1))
+        if self.world_size > 1:
+            _all_gather(full, mine.clone())
+        return full
+
+    def gather_fp32_state(self) -> dict[str, torch.Tensor]:
+        """{name: fp32 master} for every parameter, on every rank (for evaluation and saving)."""
+        full = self.gather(torch.float32)
+        return {
+            name: full[self.layout.offsets[name] : self.layout.offsets[name] + p.numel()].view_as(p).clone()
+            for name, p in self.params_by_name.items()
+        }
+
+    def state_bytes(self, param: torch.nn.Parameter) -> int:
+        """Bytes of one owned parameter's state: master (unless it aliases the weight), moments, Lookahead."""
+        state = self.state[param]
+        return sum(
+            v.numel() * v.element_size()
+            for k, v in state.items()
+            if isinstance(v, torch.Tensor) and not (k == "master" and v is param.data)
+        )
+
+    def optimizer_bytes(self) -> int:
+        """Bytes of this rank's optimizer state."""
+        return sum(self.state_bytes(p) for p in self.state)

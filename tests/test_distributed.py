@@ -1,0 +1,270 @@
+"""DeepSpeed + sharded manifold optimizer on CPU (gloo), with real multi-process launches.
+
+Parity with one process, determinism, SIGKILL (also mid-save) and resume bit-identical, resume on another
+rank count, consolidation, non-finite steps. Each launch costs ~15 s (DeepSpeed start), so runs are shared
+through module fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lipnext_scale import load_pretrained
+from lipnext_scale.optim.sharded import FlatLayout, assign_owners
+from tests.conftest import QUICKSTART, REPO
+
+DRIVER = REPO / "tests" / "dist_driver.py"
+TRAIN = REPO / "lipnext_scale" / "train.py"
+CONSOLIDATE = REPO / "tools" / "consolidate_ckpt.py"
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def torchrun_cmd(nproc: int, script: Path, *args) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *map(str, args),
+    ]
+
+
+def torchrun(nproc: int, script: Path, *args, env: dict | None = None, check: bool = True):
+    proc = subprocess.run(
+        torchrun_cmd(nproc, script, *args),
+        env=launch_env(env),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+# --- ownership (no processes) ---
+
+
+def test_ownership_is_deterministic_balanced_and_order_free():
+    with torch.device("meta"):
+        from lipnext_scale.model.lipnext import build_lipnext
+
+        model = build_lipnext("L32W1024", num_classes=1000, image_size=224, patch=16)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    largest, total = max(sizes.values()), sum(sizes.values())
+    for world in (1, 2, 3, 4, 8):
+        owners = assign_owners(sizes, world)
+        assert owners == assign_owners(dict(reversed(list(sizes.items()))), world)
+        loads = [sum(s for n, s in sizes.items() if owners[n] == r) for r in range(world)]
+        assert max(loads) <= total / world + largest
+        assert set(owners.values()) == set(range(world))
+        layout = FlatLayout.build(list(sizes.items()), owners, world)
+        spans = sorted((layout.offsets[n], layout.offsets[n] + s) for n, s in sizes.items())
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "segments overlap"
+        for n, s in sizes.items():  # each parameter lies inside its owner's segment
+            seg = owners[n] * layout.segment
+            assert seg <= layout.offsets[n] and layout.offsets[n] + s <= seg + layout.segment
+
+
+# --- parity and determinism ---
+
+PARITY_STEPS = 50
+
+
+@pytest.fixture(scope="module")
+def parity_runs(tmp_path_factory, digits_root) -> dict:
+    runs = {}
+    for key, nproc in (("1", 1), ("2", 2), ("4", 4), ("2again", 2)):
+        out = tmp_path_factory.mktemp(f"parity{key}")
+        torchrun(nproc, DRIVER, "parity", out, PARITY_STEPS, digits_root)
+        runs[key] = (
+            json.loads((out / "losses.json").read_text()),
+            load_file(str(out / "masters.safetensors")),
+        )
+    return runs
+
+
+@pytest.mark.parametrize("nproc", ["2", "4"])
+def test_n_ranks_follow_one_process(parity_runs, nproc):
+    one_losses, one_masters = parity_runs["1"]
+    losses, masters = parity_runs[nproc]
+    assert len(losses) == len(one_losses) == PARITY_STEPS
+    assert one_losses[-1] < 0.6 * one_losses[0], "the parity run must actually train"
+    for a, b in zip(losses, one_losses):
+        assert abs(a - b) <= 1e-3 * abs(b)
+    for name, value in one_masters.items():
+        assert (masters[name] - value).abs().max().item() <= 1e-4, name
+
+
+def test_same_rank_count_is_bit_identical(parity_runs):
+    losses, masters = parity_runs["2"]
+    again_losses, again_masters = parity_runs["2again"]
+    assert losses == again_losses
+    assert all(torch.equal(masters[k], again_masters[k]) for k in masters)
+
+
+# --- checkpoints: SIGKILL, mid-save kill, resume ---
+
+CKPT_ARGS = [
+    "train.max_steps=16",
+    "run.checkpoint_every=4",
+    "train.log_every=1",
+    "data.batch_size=32",
+    "run.keep_checkpoints=3",
+]
+
+
+def train_args(out: Path, data_root: Path) -> list:
+    return [QUICKSTART, *CKPT_ARGS, f"run.output_dir={out}", f"data.root={data_root}"]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step → loss; after a resume the re-run steps overwrite the killed run's records."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digits_root) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    torchrun(2, TRAIN, *train_args(out, digits_root))
+    return out
+
+
+def test_sigkill_mid_save_resumes_from_last_complete_checkpoint_bit_identically(
+    tmp_path, digits_root, uninterrupted
+):
+    out = tmp_path / "killed"
+    killed = torchrun(
+        2, TRAIN, *train_args(out, digits_root), env={"LIPNEXT_KILL_DURING_SAVE": "8:1"}, check=False
+    )
+    assert killed.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step4"
+    assert (ckpts / "global_step8" / "rank00001.safetensors").exists()
+    assert not (ckpts / "global_step8" / "checkpoint.json").exists()
+    refused = subprocess.run(
+        [sys.executable, CONSOLIDATE, ckpts / "global_step8", tmp_path / "x.safetensors"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "incomplete checkpoint" in refused.stderr
+    assert "checkpoint.json" in refused.stderr and not (tmp_path / "x.safetensors").exists()
+
+    resumed = torchrun(2, TRAIN, *train_args(out, digits_root))
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    assert step_losses(out) == step_losses(uninterrupted)
+
+
+def test_sigkill_at_an_arbitrary_moment_resumes_bit_identically(tmp_path, digits_root, uninterrupted):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        torchrun_cmd(2, TRAIN, *train_args(out, digits_root)),
+        env=launch_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    latest = out / "checkpoints" / "latest"
+    while time.time() < deadline and not (latest.exists() and latest.read_text() == "global_step8"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher and every rank, wherever they are
+    proc.wait()
+    assert latest.read_text() in {"global_step8", "global_step12"}
+    torchrun(2, TRAIN, *train_args(out, digits_root))
+    assert step_losses(out) == step_losses(uninterrupted)
+
+
+# --- resume on another number of ranks, consolidation ---
+
+
+def consolidate(ckpt_dir: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, CONSOLIDATE, ckpt_dir, output, *extra], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_consolidation_equals_gathered_masters_and_round_trips(tmp_path, uninterrupted, digits_root):
+    merged = tmp_path / "merged.safetensors"
+    consolidate(uninterrupted / "checkpoints", merged)
+    gathered = load_file(str(uninterrupted / "model.safetensors"))
+    consolidated = load_file(str(merged))
+    assert consolidated.keys() == gathered.keys()
+    assert all(torch.equal(consolidated[k], gathered[k]) for k in gathered)
+    a, b = load_pretrained(merged), load_pretrained(uninterrupted / "model.safetensors")
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a(images), b(images))
+    # --tag picks an older checkpoint, which differs from the final one.
+    older = tmp_path / "step12.safetensors"
+    consolidate(uninterrupted / "checkpoints", older, "--tag", "global_step12")
+    assert not all(torch.equal(load_file(str(older))[k], gathered[k]) for k in gathered)
+
+
+def resume_on(nproc: int, source: Path, out: Path, data_root: Path, max_steps: int) -> str:
+    shutil.copytree(source / "checkpoints", out / "checkpoints")
+    return torchrun(nproc, TRAIN, *train_args(out, data_root), f"train.max_steps={max_steps}").stdout
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_resume_on_another_rank_count_reads_each_owned_master(tmp_path, uninterrupted, digits_root):
+    # With max_steps reached, a resumed run only re-saves: its model.safetensors is what its ranks loaded.
+    one = tmp_path / "one"
+    stdout = resume_on(1, uninterrupted, one, digits_root, max_steps=16)
+    assert "from a 2-rank checkpoint" in stdout and "at step 16" in stdout
+    assert_same_weights(one, uninterrupted)
+    two = tmp_path / "two"
+    assert "from a 1-rank checkpoint" in resume_on(2, one, two, digits_root, max_steps=16)
+    assert_same_weights(two, uninterrupted)
+    four = tmp_path / "four"
+    assert "from a 2-rank checkpoint" in resume_on(4, uninterrupted, four, digits_root, max_steps=16)
+    assert_same_weights(four, uninterrupted)
+    manifest = json.loads((four / "checkpoints" / "global_step16" / "checkpoint.json").read_text())
+    assert manifest["world_size"] == 4 and len(set(manifest["owners"].values())) == 4
+    # ... and training goes on from there on 4 ranks.
+    torchrun(4, TRAIN, *train_args(four, digits_root), "train.max_steps=18")
+    losses = step_losses(four)
+    assert max(losses) == 18 and all(v == v and abs(v) < 100 for v in losses.values())
+
+
+# --- non-finite steps ---
+
+
+def test_non_finite_step_is_skipped_on_every_rank_and_repeated_ones_stop_the_run(tmp_path, digits_root):
+    torchrun(2, DRIVER, "nonfinite", tmp_path, digits_root)
+    reports = [json.loads((tmp_path / f"nonfinite_rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        assert report["step2"] == {"skipped": 0, "unchanged": False, "finite": True}
+        assert report["step3"] == {"skipped": 1, "unchanged": True, "finite": True}
+        assert report["stopped_at_step"] == 4
+        assert (
+            "2 optimizer steps in a row" in report["stopped"] and "Last good checkpoint" in report["stopped"]
+        )
