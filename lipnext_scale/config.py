@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lipnext_scale.data.loader_base import AUGMENTS
 from lipnext_scale.model.lipnext import SIZES
 
 
@@ -51,7 +52,7 @@ class DataConfig:
     val_manifest: str = ""
     batch_size: int = field(default=64, metadata=_range(1))
     eval_batch_size: int = field(default=256, metadata=_range(1))
-    augment: str = field(default="none", metadata=_choices("none", "flip", "crop_flip"))
+    augment: str = field(default="none", metadata=_choices(*AUGMENTS))
     backend: str = field(default="auto", metadata=_choices("auto", "dali", "wds"))
 
 

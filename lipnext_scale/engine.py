@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lipnext_scale.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -62,7 +64,7 @@ def setup_distributed(local_rank_arg: int | None = None) -> DistInfo:
 
 def deepspeed_config(global_batch: int, micro_batch: int, world_size: int, monitor_dir: Path) -> dict:
     if global_batch % (micro_batch * world_size):
-        raise ValueError(
+        raise ConfigError(
             f"data.batch_size = {global_batch} is not a multiple of train.micro_batch_size ({micro_batch}) "
             f"× ranks ({world_size}); choose sizes so that batch = micro_batch × ranks × accumulation steps"
         )

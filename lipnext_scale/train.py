@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer = Trainer(recipe, local_rank=args.local_rank)
+    try:
+        trainer = Trainer(recipe, local_rank=args.local_rank)
+    except ConfigError as exc:  # settings that only the world size can refute (batch vs. ranks)
+        print(f"error: {args.recipe}: {exc}", file=sys.stderr)
+        return 2
     try:
         trainer.save(trainer.fit())
     except TooManySkippedSteps as exc:

@@ -99,8 +99,9 @@ class Trainer:
         self.train_loader = build_loader(
             train_manifest, batch_size=micro, train=True, augment=d.augment, seed=t.seed, **common
         )
+        # Evaluation never augments; the name still picks its transform (ImageNet: resize + centre crop).
         self.val_loader = build_loader(
-            val_manifest, batch_size=recipe.certify.batch_size, train=False, **common
+            val_manifest, batch_size=recipe.certify.batch_size, train=False, augment=d.augment, **common
         )
 
         model = build_model(recipe).to(self.device)
@@ -130,8 +131,12 @@ class Trainer:
         self.epoch = 0
         self._saved_step = -1
         self._window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        self.metrics_file = open(self.out / "metrics.jsonl", "a") if self.is_main else None
-        self.resumed_from = self._maybe_resume() if recipe.run.resume else None
+        resuming = recipe.run.resume and (self.ckpt_dir / "latest").exists()
+        # A resumed run continues its log; a fresh one must not inherit an old run's records.
+        self.metrics_file = (
+            open(self.out / "metrics.jsonl", "a" if resuming else "w") if self.is_main else None
+        )
+        self.resumed_from = self._resume() if resuming else None
         self._log_optimizer_bytes()
 
     # --- one micro-batch; every `accumulation` of them make an optimizer step ---
@@ -260,9 +265,7 @@ class Trainer:
         except IncompleteCheckpoint:
             return "none"
 
-    def _maybe_resume(self) -> Path | None:
-        if not (self.ckpt_dir / "latest").exists():
-            return None
+    def _resume(self) -> Path:
         tag_dir, manifest = resolve_checkpoint(self.ckpt_dir)
         state = load_checkpoint(tag_dir, manifest, self.dist.rank, self.dist.world_size, self.optimizer)
         self.step, self.epoch = state["step"], state["epoch"]

@@ -231,21 +231,26 @@ def test_bad_samples_are_rejected(tmp_path: Path, samples: list, message: str) -
     assert not (tmp_path / "s.manifest.json").exists()
 
 
-def test_failure_midway_leaves_no_manifest_or_temp_files(tmp_path: Path) -> None:
+def test_failure_midway_leaves_the_old_set_and_no_files_of_the_run(tmp_path: Path) -> None:
     def samples():
         for i in range(5):
             yield f"k{i}", jpeg_bytes(i), i
         raise OSError("source went away")
 
-    write_shards([(f"old{i}", jpeg_bytes(i), i) for i in range(6)], tmp_path, "s", samples_per_shard=2)
-    assert (tmp_path / "s.manifest.json").exists()
+    old = write_shards([(f"old{i}", jpeg_bytes(i), i) for i in range(6)], tmp_path, "s", samples_per_shard=2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(OSError, match="source went away"):
         write_shards(samples(), tmp_path, "s", samples_per_shard=2)
-    assert not (tmp_path / "s.manifest.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    # The old manifest is gone (its shards 0 and 1 were overwritten), no temp file remains, and the
-    # rewritten shards are complete archives.
-    assert [k for k, _ in tar_samples(tmp_path / "s-000001.tar")] == ["k2", "k3"]
+    # Shards 0 and 1 of the failed run were complete, but nothing was renamed into place: the old data
+    # set is intact and verifies, and no temp file of the run remains.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert read_manifest(tmp_path / "s.manifest.json", verify_checksums=True).total_samples == 6
+    assert [k for k, _ in tar_samples(tmp_path / "s-000001.tar")] == ["old2", "old3"]
+    assert old["skipped"] == []
+    # The same for a failure before the first shard is complete, and for a fresh prefix.
+    with pytest.raises(OSError, match="source went away"):
+        write_shards(samples(), tmp_path, "fresh", samples_per_shard=100)
+    assert {p.name for p in tmp_path.iterdir()} == set(before)
 
 
 def test_read_manifest_errors_name_the_problem(tmp_path: Path) -> None:
@@ -484,7 +489,7 @@ def test_dali_and_wds_agree_on_eval(digits: dict[str, Path], world_size: int) ->
 
 def test_bad_loader_arguments(digits: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="augment must be one of"):
-        loader(digits["train"], batch_size=8, train=True, augment="randaugment")
+        loader(digits["train"], batch_size=8, train=True, augment="autoaugment")
     with pytest.raises(ValueError, match="rank=2, world_size=2"):
         loader(digits["train"], batch_size=8, train=True, rank=2, world_size=2)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -492,3 +497,165 @@ def test_bad_loader_arguments(digits: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="fewer than batch_size=1000"):
         loader(digits["train"], batch_size=1000, train=True, world_size=2)
     assert type(loader(digits["test"], batch_size=8, train=False, backend="auto")).backend == "dali"
+
+
+# ----------------------------------------------------------------------------- RRC and RandAugment
+
+# Source shapes (width, height) of the coordinate images; the label is the shape's index. 120x48 is
+# wider than 4/3 at any crop of most of its area, so it also exercises the fallback.
+GRADIENT_SHAPES = [(96, 64), (64, 96), (80, 80), (120, 48)]
+GRADIENT_BLUE = [10, 60, 200, 250]  # never 128: a (128, 128, 128) pixel can only be RandAugment's fill
+
+
+def gradient_jpeg(width: int, height: int, blue: int) -> bytes:
+    """R = x / (W-1), G = y / (H-1): every pixel says where in the source it came from."""
+    x = np.rint(np.linspace(0, 255, width))[None, :].repeat(height, 0)
+    y = np.rint(np.linspace(0, 255, height))[:, None].repeat(width, 1)
+    rgb = np.stack([x, y, np.full_like(x, blue)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95, subsampling=0)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def gradients(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    jpegs = [gradient_jpeg(w, h, b) for (w, h), b in zip(GRADIENT_SHAPES, GRADIENT_BLUE, strict=True)]
+    samples = [(f"g{i:03d}", jpegs[i % 4], i % 4) for i in range(64)]
+    out = tmp_path_factory.mktemp("gradients")
+    write_shards(samples, out, "grad", samples_per_shard=32, jpeg_check="decode")
+    return out / "grad.manifest.json"
+
+
+def crop_window(image: torch.Tensor, source: tuple[int, int]) -> tuple[float, float, float, float, bool]:
+    """(left, top, width, height) in source pixels of the window an RRC output shows, and its flip."""
+    width, height = source
+    size = image.shape[-1]
+    j = torch.arange(2, size - 2, dtype=torch.float64)  # interior: no antialiasing edge effects
+    red = image[0].double().mean(dim=0)[2:-2]
+    green = image[1].double().mean(dim=1)[2:-2]
+    slope_x, icpt_x = np.polyfit(j.numpy(), red.numpy(), 1)
+    slope_y, icpt_y = np.polyfit(j.numpy(), green.numpy(), 1)
+    flipped = slope_x < 0
+    w = abs(slope_x) * size * (width - 1)
+    h = slope_y * size * (height - 1)
+    # Source coordinate of output pixel centre j: left + (j + 0.5) * w / size - 0.5.
+    x_first = icpt_x if not flipped else icpt_x + slope_x * (size - 1)  # R at the window's left edge
+    left = x_first * (width - 1) + 0.5 - 0.5 * w / size
+    top = icpt_y * (height - 1) + 0.5 - 0.5 * h / size
+    return left, top, w, h, bool(flipped)
+
+
+@pytest.mark.parametrize("backend", ["dali", "wds"])
+def test_rrc_flip_outputs_are_random_resized_crops(gradients: Path, backend: str) -> None:
+    ld = loader(gradients, batch_size=64, train=True, augment="rrc_flip", seed=5, backend=backend)
+    images, labels = next(iter(ld))
+    areas, flips = [], []
+    for image, label in zip(images, labels.tolist(), strict=True):
+        width, height = GRADIENT_SHAPES[label]
+        left, top, w, h, flipped = crop_window(image, (width, height))
+        where = f"{backend} label {label}: window {left:.1f},{top:.1f} {w:.1f}x{h:.1f}"
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1, where
+        assert 0.08 * 0.85 <= w * h / (width * height) <= 1.03, where
+        assert left >= -1.5 and top >= -1.5 and left + w <= width + 1.5 and top + h <= height + 1.5, where
+        areas.append(w * h / (width * height))
+        flips.append(flipped)
+    assert min(areas) < 0.35 and max(areas) > 0.6 and 0 < sum(flips) < len(flips)
+    assert not any(has_fill_corner(image) for image in images)
+
+
+def has_fill_corner(image: torch.Tensor) -> bool:
+    corners = image[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # [3, 4]
+    return bool(((corners - 128 / 255).abs().amax(dim=0) <= 3 / 255).any())
+
+
+@pytest.mark.parametrize("backend", ["dali", "wds"])
+def test_randaugment_adds_ops_on_top_of_rrc(gradients: Path, backend: str) -> None:
+    common = dict(batch_size=64, train=True, seed=5, backend=backend)
+    rrc_images, rrc_labels = next(iter(loader(gradients, augment="rrc_flip", **common)))
+    ra_images, ra_labels = next(iter(loader(gradients, augment="randaugment", **common)))
+    assert torch.equal(ra_labels, rrc_labels)  # the shuffle does not depend on the augmentation
+    assert ra_images.shape == rrc_images.shape and ra_images.dtype == torch.float32
+    assert 0.0 <= float(ra_images.min()) and float(ra_images.max()) <= 1.0
+    changed = (ra_images - rrc_images).abs().flatten(1).amax(dim=1) > 4 / 255
+    assert int(changed.sum()) >= 40
+    # Translate/shear/rotate fill with grey 128, which no source image contains: ~1/3 of the images.
+    assert sum(has_fill_corner(image) for image in ra_images) >= 5
+
+
+def test_rrc_eval_is_resize_and_centre_crop(digits: dict[str, Path]) -> None:
+    # 32 / 0.875 = 36.6 -> shorter side 36, centre 32x32 crop; the augmentation is not applied.
+    keys = [k for k, _ in split_samples(digits["test"])][:40]
+    jpegs = dict(split_samples(digits["test"])[:40])
+    expected = []
+    for key in keys:
+        with Image.open(io.BytesIO(jpegs[key]["jpg"])) as img:
+            big = np.asarray(img.convert("RGB").resize((36, 36), Image.Resampling.BILINEAR))
+        expected.append(torch.from_numpy(big[2:34, 2:34].copy()).permute(2, 0, 1).float() / 255)
+    expected = torch.stack(expected)
+    for backend in ("dali", "wds"):
+        for augment in ("rrc_flip", "randaugment"):
+            ev = loader(digits["test"], batch_size=40, train=False, augment=augment, backend=backend)
+            images, _ = next(iter(ev))
+            assert float((images - expected).abs().max()) <= DECODER_TOLERANCE, (backend, augment)
+
+
+@pytest.mark.parametrize("backend", ["dali", "wds"])
+def test_randaugment_state_dict_resumes_identical_batches(gradients: Path, backend: str) -> None:
+    def make():
+        return loader(gradients, batch_size=8, train=True, augment="randaugment", seed=11, backend=backend)
+
+    original = make()
+    stream = iter(original)
+    for _ in range(3):
+        next(stream)
+    state = json.loads(json.dumps(original.state_dict()))
+    expected = list(stream) + list(original)
+    restored = make()
+    restored.load_state_dict(state)
+    resumed = list(restored) + list(restored)
+    assert len(resumed) == len(expected) == 2 * len(original) - 3
+    for (xa, ya), (xb, yb) in zip(expected, resumed, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_pil_rrc_boxes_follow_the_definition() -> None:
+    import random
+
+    from lipnext_scale.data.pil_augment import random_resized_crop_box
+
+    rng = random.Random(0)
+    areas = []
+    for _ in range(2000):
+        left, top, w, h = random_resized_crop_box(100, 60, rng)
+        assert 0 <= left and left + w <= 100 and 0 <= top and top + h <= 60
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+        areas.append(w * h / 6000)
+    assert 0.075 <= min(areas) < 0.1 and 0.7 < max(areas) <= 0.8  # 80x60 is the largest 4/3 window
+    # No 10-attempt window fits a 200x10 strip at a legal aspect ratio: the fallback is the widest
+    # 4/3 window, centred.
+    assert random_resized_crop_box(200, 10, random.Random(0)) == (93, 0, 13, 10)
+
+
+def test_pil_randaugment_suite_matches_dalis() -> None:
+    from nvidia.dali.auto_aug import rand_augment as dali_ra
+
+    from lipnext_scale.data.pil_augment import RAND_AUGMENT_SUITE, _op
+
+    dali_suite = [
+        (a.name, *(a.mag_range if a.mag_range is not None else (0, 0)), a.randomly_negate)
+        for a in dali_ra.get_rand_augment_suite(use_shape=True)
+    ]
+    assert [(n, float(lo), float(hi), neg) for n, lo, hi, neg in dali_suite] == list(RAND_AUGMENT_SUITE)
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(30, 220, size=(32, 32, 3), dtype=np.uint8))
+    base = np.asarray(img).astype(int)
+    m = 9 / 30  # magnitude bin 9 of 31
+    for name, lo, hi, _ in RAND_AUGMENT_SUITE:
+        out = np.asarray(_op(name, lo + (hi - lo) * m, 128)(img)).astype(int)
+        assert out.shape == base.shape, name
+        assert (name == "identity") == np.array_equal(out, base), name
+    posterized = np.asarray(_op("posterize", 8 - 4 * m, 128)(img))
+    assert not (posterized & 1).any() and (posterized & 2).any()  # keeps 7 bits at bin 9
+    shifted = np.asarray(_op("translate_x", 100 / 224 * m, 128)(img))
+    assert (shifted[:, :4] == 128).all() and not (shifted[:, 5:] == 128).all()  # 4.3 px of grey fill

@@ -6,15 +6,19 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
-from lipnext_scale.data import build_loader, read_manifest
+from lipnext_scale.data import build_loader, make_digits_shards, read_manifest
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "make_shards.py"
 
 
 def load_tool():
+    loaded = sys.modules.get("make_shards")
+    if loaded is not None and getattr(loaded, "__file__", None) == str(TOOL):
+        return loaded  # one module object per tool: pool workers find functions by module name
     spec = importlib.util.spec_from_file_location("make_shards", TOOL)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # worker processes unpickle its functions by module name
@@ -56,3 +60,27 @@ def test_image_folder_to_shards_reencodes_what_dali_cannot_read(tmp_path: Path) 
             ]
             assert match, f"{backend}: label {int(label)} with mean colour {mean.tolist()} was not written"
             unmatched.remove(match[0])
+
+
+def test_bench_data_compares_both_backends_on_digits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = make_digits_shards(tmp_path / "digits", image_size=16)["train"]
+    spec = importlib.util.spec_from_file_location("bench_data", TOOL.parent / "bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        args = [str(manifest), "--batch-size", "32", "--batches", "3", "--warmup", "1", "--threads", "1"]
+        assert bench.main([*args, "--augment", "randaugment"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert "augment=randaugment image_size=16 batch=32" in lines[0]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:4]}
+    assert set(rows) == {"dali", "wds"}
+    for backend, (batches, images, *_rest) in rows.items():
+        assert (int(batches), int(images)) == (3, 96), backend
+        assert float(_rest[1]) > 0, backend  # img/s
+    assert lines[4].startswith("dali/wds: ") and "img/s per core" in lines[4]

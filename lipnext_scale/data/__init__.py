@@ -2,7 +2,16 @@
 
 from .digits import make_digits_shards
 from .loader import build_loader
-from .loader_base import Loader
-from .shards import Manifest, read_manifest, write_shards
+from .loader_base import AUGMENTS, Loader
+from .shards import Manifest, read_manifest, stage_shards, write_shards
 
-__all__ = ["Loader", "Manifest", "build_loader", "make_digits_shards", "read_manifest", "write_shards"]
+__all__ = [
+    "AUGMENTS",
+    "Loader",
+    "Manifest",
+    "build_loader",
+    "make_digits_shards",
+    "read_manifest",
+    "stage_shards",
+    "write_shards",
+]

@@ -8,6 +8,11 @@ DALI 2.4 notes that shaped this file:
 - ``reader_name`` + ``pad_last_batch=True`` make the iterator count batches per rank; DROP (train)
   stops every rank after the smallest part's full batches, PARTIAL (eval) trims the padding DALI adds.
 - The checkpoint from ``iterator.checkpoints()`` is a binary protobuf (bytes); it is stored base64.
+- RRC: ``fn.decoders.image_random_crop`` (decodes only the crop window; CPU and "mixed") + resize.
+- RandAugment: ``nvidia.dali.auto_aug.rand_augment`` works with CPU operators in DALI 2.4 (checked:
+  warp_affine, rotate, filter, equalize, reductions all have CPU kernels). It selects ops per sample
+  with DALI conditionals, which need ``pipeline_def(enable_conditionals=True)`` (AutoGraph), hence the
+  decorator instead of ``with pipe:``.
 """
 
 from __future__ import annotations
@@ -16,11 +21,24 @@ import base64
 from typing import Any
 
 import torch
-from nvidia.dali import fn, types
+from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .loader_base import CROP_PADDING, LABEL_WIDTH, Loader, LoaderConfig, labels_from_padded_ascii
+from .loader_base import (
+    CROP_PADDING,
+    LABEL_WIDTH,
+    RANDAUGMENT_BINS,
+    RANDAUGMENT_FILL,
+    RANDAUGMENT_M,
+    RANDAUGMENT_N,
+    RRC_ATTEMPTS,
+    RRC_RATIO,
+    RRC_SCALE,
+    Loader,
+    LoaderConfig,
+    labels_from_padded_ascii,
+)
 from .shards import IMAGE_EXT, LABEL_EXT
 
 READER_NAME = "reader"
@@ -32,15 +50,79 @@ def pipeline_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + 1) % (2**31 - 1)
 
 
+def _decoder_device(config: LoaderConfig) -> str:
+    return "mixed" if config.device.type == "cuda" else "cpu"
+
+
 def _decoded_square_images(jpegs: Any, config: LoaderConfig) -> Any:
-    """Decode, then scale the shorter side to image_size (a no-op for shards stored at that size)."""
-    decoder_device = "mixed" if config.device.type == "cuda" else "cpu"
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    """Decode, then scale the shorter side to ``config.resize_shorter`` (a no-op for shards stored at
+    that size); the centre crop follows in ``_to_normalised_chw``."""
+    images = fn.decoders.image(jpegs, device=_decoder_device(config), output_type=types.RGB)
     return fn.resize(
         images,
-        resize_shorter=config.image_size,
+        resize_shorter=config.resize_shorter,
         interp_type=types.INTERP_LINEAR,
         antialias=True,
+    )
+
+
+def _random_resized_crops(jpegs: Any, config: LoaderConfig) -> Any:
+    """ImageNet RRC: decode a random window (area fraction RRC_SCALE, aspect RRC_RATIO), resize it."""
+    images = fn.decoders.image_random_crop(
+        jpegs,
+        device=_decoder_device(config),
+        output_type=types.RGB,
+        random_area=list(RRC_SCALE),
+        random_aspect_ratio=list(RRC_RATIO),
+        num_attempts=RRC_ATTEMPTS,
+    )
+    return fn.resize(
+        images,
+        resize_x=config.image_size,
+        resize_y=config.image_size,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
+
+
+def _rand_augment_suite() -> list[Any]:
+    """DALI's default RandAugment suite (``rand_augment.rand_augment``'s), with ``equalize`` and
+    ``sharpness`` rebuilt on ``fn.equalize`` / ``fn.filter``: the suite's own versions call the
+    deprecated ``fn.experimental`` aliases, whose warnings DALI forces on (``simplefilter("default")``)."""
+    from nvidia.dali.auto_aug import augmentations, rand_augment
+    from nvidia.dali.auto_aug.core import augmentation
+
+    @augmentation
+    def equalize(data: Any, _: Any) -> Any:
+        return fn.equalize(data)
+
+    @augmentation(
+        mag_range=(0, 0.9),
+        randomly_negate=True,
+        mag_to_param=augmentations.sharpness_kernel,
+        param_device="auto",
+    )
+    def sharpness(data: Any, kernel: Any) -> Any:
+        return fn.filter(data, kernel)
+
+    replacements = {"equalize": equalize, "sharpness": sharpness}
+    suite = [replacements.get(aug.name, aug) for aug in rand_augment.get_rand_augment_suite(use_shape=True)]
+    if {aug.name for aug in suite} & replacements.keys() != replacements.keys():
+        raise RuntimeError("DALI's RandAugment suite changed: equalize/sharpness not found by name")
+    return suite
+
+
+def _rand_augmented(images: Any, config: LoaderConfig) -> Any:
+    from nvidia.dali.auto_aug import rand_augment
+
+    return rand_augment.apply_rand_augment(
+        _rand_augment_suite(),
+        images,
+        n=RANDAUGMENT_N,
+        m=RANDAUGMENT_M,
+        num_magnitude_bins=RANDAUGMENT_BINS,
+        shape=(config.image_size, config.image_size),
+        fill_value=RANDAUGMENT_FILL,
     )
 
 
@@ -75,16 +157,10 @@ def build_dali_pipeline(config: LoaderConfig, checkpoint: bytes | None = None) -
     device_id = None
     if config.device.type == "cuda":
         device_id = config.device.index if config.device.index is not None else torch.cuda.current_device()
-    pipe = Pipeline(
-        batch_size=config.batch_size,
-        num_threads=config.num_threads,
-        device_id=device_id,
-        seed=pipeline_seed(config.seed, config.rank),
-        enable_checkpointing=True,
-        checkpoint=checkpoint,
-    )
     smallest_part = manifest.total_samples // config.world_size
-    with pipe:
+
+    @pipeline_def(enable_conditionals=config.randaugment)
+    def graph() -> tuple[Any, Any]:
         jpegs, cls = fn.readers.webdataset(
             paths=manifest.tar_paths,
             index_paths=manifest.index_paths,
@@ -99,10 +175,24 @@ def build_dali_pipeline(config: LoaderConfig, checkpoint: bytes | None = None) -
             pad_last_batch=True,
             name=READER_NAME,
         )
-        images = _to_normalised_chw(_decoded_square_images(jpegs, config), config)
+        if config.random_resized_crop:
+            images = _random_resized_crops(jpegs, config)
+            if config.randaugment:
+                images = _rand_augmented(images, config)
+        else:
+            images = _decoded_square_images(jpegs, config)
+        images = _to_normalised_chw(images, config)
         labels = fn.pad(cls, fill_value=0, shape=[LABEL_WIDTH])
-        pipe.set_outputs(images, labels)
-    return pipe
+        return images, labels
+
+    return graph(
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        device_id=device_id,
+        seed=pipeline_seed(config.seed, config.rank),
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+    )
 
 
 class DaliLoader(Loader):

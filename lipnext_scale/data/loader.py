@@ -57,9 +57,13 @@ def build_loader(
 
     images: float32 ``[B, 3, image_size, image_size]`` in [0, 1] on ``device``; labels: int64 ``[B]``.
     Every image is scaled so its shorter side is ``image_size`` and centre-cropped to a square (shards
-    stored at ``image_size`` pass through unchanged). ``augment`` (training only; evaluation never
-    augments): "none", "flip" (horizontal, p=0.5) or "crop_flip" (CIFAR-style: zero-pad 4, random
-    ``image_size`` crop, horizontal flip).
+    stored at ``image_size`` pass through unchanged). ``augment`` (one of ``AUGMENTS``), in training:
+    "none", "flip" (horizontal, p=0.5), "crop_flip" (CIFAR-style: zero-pad 4, random ``image_size``
+    crop, flip), "rrc_flip" (ImageNet random-resized crop, area (0.08, 1), aspect (3/4, 4/3), resized
+    to ``image_size``, flip) or "randaugment" (rrc_flip + RandAugment n=2, m=9 of 31 bins, DALI's
+    suite). Evaluation never augments; but an eval loader given "rrc_flip" or "randaugment" uses the
+    ImageNet eval transform — shorter side to ``floor(image_size / 0.875)``, centre ``image_size``
+    crop — so pass the training recipe's ``augment`` to the eval loader too.
 
     Ranks: the samples are cut into ``world_size`` contiguous disjoint parts (DALI's rule, see
     ``loader_base``); each epoch rank ``r`` reads part ``(r + epoch) % world_size``.

@@ -22,8 +22,25 @@ import torch
 
 from .shards import Manifest
 
-AUGMENTS = ("none", "flip", "crop_flip")
+# Training augmentations, the same names and meaning in both backends (evaluation: see LoaderConfig):
+#   none         shorter side scaled to image_size, centre crop
+#   flip         + horizontal flip (p=0.5)
+#   crop_flip    CIFAR-style: zero-pad CROP_PADDING per side, random image_size crop, flip
+#   rrc_flip     ImageNet-style random-resized crop (area RRC_SCALE, aspect RRC_RATIO) to image_size, flip
+#   randaugment  rrc_flip, then RandAugment (n=RANDAUGMENT_N ops at magnitude RANDAUGMENT_M of
+#                RANDAUGMENT_BINS bins, DALI's default suite), the flip last
+AUGMENTS = ("none", "flip", "crop_flip", "rrc_flip", "randaugment")
+RRC_AUGMENTS = ("rrc_flip", "randaugment")
 CROP_PADDING = 4  # CIFAR-style: zero-pad 4 pixels per side, then crop image_size x image_size at random
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+RRC_ATTEMPTS = 10
+# Evaluation for the RRC augmentations: shorter side to floor(image_size / EVAL_CROP_FRACTION), centre crop.
+EVAL_CROP_FRACTION = 0.875
+RANDAUGMENT_N = 2
+RANDAUGMENT_M = 9
+RANDAUGMENT_BINS = 31
+RANDAUGMENT_FILL = 128  # grey fill for the geometric ops (DALI's default)
 DEFAULT_SHUFFLE_BUFFER = 1024
 STATE_FORMAT = "lipnext_scale.loader_state/v1"
 # .cls files hold an ASCII decimal label, optionally followed by whitespace. DALI must batch them, so
@@ -54,11 +71,35 @@ class LoaderConfig:
 
     @property
     def random_flip(self) -> bool:
-        return self.augments_active in ("flip", "crop_flip")
+        return self.augments_active in ("flip", "crop_flip", *RRC_AUGMENTS)
 
     @property
     def random_crop(self) -> bool:
+        """CIFAR-style pad-and-crop."""
         return self.augments_active == "crop_flip"
+
+    @property
+    def random_resized_crop(self) -> bool:
+        return self.augments_active in RRC_AUGMENTS
+
+    @property
+    def randaugment(self) -> bool:
+        return self.augments_active == "randaugment"
+
+    @property
+    def resize_shorter(self) -> int:
+        """Shorter side the image is scaled to before the centre ``image_size`` crop (no RRC).
+
+        ``image_size`` except when evaluating a loader configured with an RRC augmentation: the
+        ImageNet convention, ``floor(image_size / 0.875)`` (256 for 224), then the centre crop.
+        """
+        if not self.train and self.augment in RRC_AUGMENTS:
+            return eval_resize(self.image_size)
+        return self.image_size
+
+
+def eval_resize(image_size: int) -> int:
+    return max(image_size, math.floor(image_size / EVAL_CROP_FRACTION + 1e-6))
 
 
 def part_bounds(total: int, part: int, world_size: int) -> tuple[int, int]:

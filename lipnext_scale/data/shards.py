@@ -7,8 +7,15 @@ Layout of a shard set written by :func:`write_shards`::
     ...
     out_dir/{prefix}.manifest.json  written last: its presence means every shard is complete
 
-Readers (DALI, webdataset, :func:`read_manifest`) only trust files listed in the manifest, so a crash
-while writing leaves at worst orphaned shards and never a manifest describing half a data set.
+Readers (DALI, webdataset, :func:`read_manifest`) only trust files listed in the manifest. A run writes
+every shard under a hidden temp name and renames them into place only after the last sample was
+written, so a run that fails (a refused input, an exception, Ctrl-C) leaves the previous data set of
+that prefix, if any, untouched and none of its own files behind; a crash during the final renames
+leaves at worst complete but orphaned shards, never a manifest describing half a data set.
+
+The manifest may list inputs the producer skipped (``"skipped": [{"path": ..., "reason": ...}]``).
+Tar member names are data, never paths: nothing here or in the loaders extracts an archive to disk,
+and shard file names in a manifest must be plain names (no directories, no ``pipe:``-style URLs).
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ MAX_KEY_LENGTH = 100 - 1 - max(len(IMAGE_EXT), len(LABEL_EXT))
 # Only these characters: DALI and webdataset split the extension at the FIRST dot of the member name,
 # '/' would create directories, and GNU tar quotes unusual characters in its listings.
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+# Shard file names in a manifest: no '/', no leading '.', and no ':' (webdataset would open a name like
+# "pipe:cmd" by running cmd in a shell).
+_SHARD_FILE_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 JPEG_CHECKS = ("none", "header", "decode")
 
 
@@ -114,6 +124,8 @@ class Manifest:
     num_classes: int
     class_names: tuple[str, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Inputs the producer left out, each {"path": ..., "reason": ...} (see tools/make_shards.py --on-bad).
+    skipped: tuple[dict[str, str], ...] = ()
 
     @property
     def tar_paths(self) -> list[str]:
@@ -163,14 +175,14 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]
     return tar.offset - padded, len(data)
 
 
-def _index_text(entries: Sequence[Sequence[tuple[str, int, int, str]]]) -> str:
+def index_text(entries: Sequence[Sequence[tuple[str, int, int, str]]]) -> str:
     """DALI index in wds2idx's format: a header line, then per sample ``ext offset size name`` groups."""
     lines = [f"{DALI_INDEX_VERSION} {len(entries)}"]
     lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in s) for s in entries]
     return "\n".join(lines) + "\n"
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -178,9 +190,28 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_one_shard(samples: Sequence[tuple[str, bytes, int]], tar_path: Path, idx_path: Path) -> ShardInfo:
+def _temp_path(final_path: Path) -> Path:
+    return final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
+
+
+def _write_staged(final_path: Path, write: Any, staged: list[tuple[Path, Path]]) -> Path:
+    """Write a file under its temp name via ``write(f)``, fsync it, and record it in ``staged``."""
+    tmp = _temp_path(final_path)
+    staged.append((tmp, final_path))  # recorded first, so a failure below still removes the temp file
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _write_one_shard(
+    samples: Sequence[tuple[str, bytes, int]], tar_path: Path, idx_path: Path, staged: list[tuple[Path, Path]]
+) -> ShardInfo:
+    """Write one shard and its index under temp names (renamed into place later by the caller)."""
     entries: list[list[tuple[str, int, int, str]]] = []
-    with _atomic_writer(tar_path) as f:
+
+    def write_tar(f: BinaryIO) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, jpeg, label in samples:
                 components = []
@@ -189,10 +220,11 @@ def _write_one_shard(samples: Sequence[tuple[str, bytes, int]], tar_path: Path, 
                     offset, size = _add_member(tar, name, data)
                     components.append((ext, offset, size, name))
                 entries.append(components)
-    with _atomic_writer(idx_path) as f:
-        f.write(_index_text(entries).encode("ascii"))
+
+    tmp_tar = _write_staged(tar_path, write_tar, staged)
+    _write_staged(idx_path, lambda f: f.write(index_text(entries).encode("ascii")), staged)
     return ShardInfo(
-        tar=tar_path.name, index=idx_path.name, num_samples=len(samples), sha256=_sha256_of(tar_path)
+        tar=tar_path.name, index=idx_path.name, num_samples=len(samples), sha256=sha256_of(tmp_tar)
     )
 
 
@@ -230,6 +262,53 @@ def manifest_path_for(out_dir: str | os.PathLike[str], prefix: str) -> Path:
     return Path(out_dir) / f"{prefix}.manifest.json"
 
 
+def _skipped_entries(skipped: Iterable[Mapping[str, Any]] | None) -> list[dict[str, str]]:
+    entries = []
+    for i, entry in enumerate(skipped or ()):
+        if not isinstance(entry, Mapping) or not {"path", "reason"} <= entry.keys():
+            raise ValueError(f"skipped[{i}] must be a mapping with 'path' and 'reason', got {entry!r}")
+        entries.append({"path": str(entry["path"]), "reason": str(entry["reason"])})
+    return entries
+
+
+@dataclass
+class StagedShards:
+    """A shard set written under temp names by :func:`stage_shards`, not yet visible to readers.
+
+    :meth:`commit` renames it into place (old manifest first removed, new manifest written last);
+    :meth:`discard` deletes the temp files. Staging several sets and committing them only once all
+    succeeded makes a multi-split run all-or-nothing (``tools/make_shards.py`` does that).
+    """
+
+    out_dir: Path
+    prefix: str
+    manifest: dict[str, Any]
+    _staged: list[tuple[Path, Path]]
+    _manifest_bytes: bytes
+
+    def commit(self) -> dict[str, Any]:
+        if not self._staged:
+            raise RuntimeError(f"{self.out_dir / self.prefix}: already committed or discarded")
+        manifest_path = manifest_path_for(self.out_dir, self.prefix)
+        # The old manifest goes first: it must never vouch for a mix of old and new shards.
+        manifest_path.unlink(missing_ok=True)
+        for tmp, final in self._staged:
+            os.replace(tmp, final)
+        self._staged = []
+        with _atomic_writer(manifest_path) as f:
+            f.write(self._manifest_bytes)
+        return self.manifest
+
+    def discard(self) -> None:
+        _remove_temp_files(self._staged)
+        self._staged = []
+
+
+def _remove_temp_files(staged: list[tuple[Path, Path]]) -> None:
+    for tmp, _ in staged:
+        tmp.unlink(missing_ok=True)
+
+
 def write_shards(
     samples: Iterable[tuple[str, bytes, int]],
     out_dir: str | os.PathLike[str],
@@ -240,17 +319,48 @@ def write_shards(
     class_names: Sequence[str] | None = None,
     jpeg_check: str = "header",
     meta: Mapping[str, Any] | None = None,
+    skipped: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``samples`` — ``(key, jpeg_bytes, label)`` in the order given — as tar shards.
 
     Every sample is validated before it is written (key syntax, unique key, integer label in
     ``[0, num_classes)``, JPEG bytes: ``jpeg_check`` "header" opens the header with PIL, "decode"
-    decodes fully, "none" checks only the SOI marker). Each file goes to a temp name in ``out_dir``
-    and is renamed into place when complete; the manifest is written last. Returns the manifest dict
-    (also written to ``{out_dir}/{prefix}.manifest.json``). ``num_classes`` defaults to
-    ``len(class_names)`` or, without names, to ``max(label) + 1``. ``meta`` is stored verbatim
-    (JSON-serialisable) so producers can record how the data was made.
+    decodes fully, "none" checks only the SOI marker). All files of the run are written under hidden
+    temp names in ``out_dir`` and renamed into place only once every sample has been written; the
+    manifest is written last. If anything fails before that (a bad sample, an exception raised by
+    ``samples``), the temp files are removed and an existing data set of the same prefix is left as
+    it was. Returns the manifest dict (also written to ``{out_dir}/{prefix}.manifest.json``).
+    ``num_classes`` defaults to ``len(class_names)`` or, without names, to ``max(label) + 1``.
+    ``meta`` is stored verbatim (JSON-serialisable) so producers can record how the data was made.
+    ``skipped`` — ``{"path", "reason"}`` mappings for inputs the producer left out — is read only
+    after ``samples`` is exhausted, so a generator may append to the list it was given while yielding.
     """
+    return stage_shards(
+        samples,
+        out_dir,
+        prefix,
+        samples_per_shard,
+        num_classes=num_classes,
+        class_names=class_names,
+        jpeg_check=jpeg_check,
+        meta=meta,
+        skipped=skipped,
+    ).commit()
+
+
+def stage_shards(
+    samples: Iterable[tuple[str, bytes, int]],
+    out_dir: str | os.PathLike[str],
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    jpeg_check: str = "header",
+    meta: Mapping[str, Any] | None = None,
+    skipped: Iterable[Mapping[str, Any]] | None = None,
+) -> StagedShards:
+    """:func:`write_shards` without the final renames: call ``.commit()`` (or ``.discard()``)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if jpeg_check not in JPEG_CHECKS:
@@ -265,36 +375,38 @@ def write_shards(
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names were given")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # An old manifest for this prefix would describe shards we are about to overwrite; if this run
-    # fails halfway it must not be left vouching for a mix of old and new files.
-    manifest_path_for(out, prefix).unlink(missing_ok=True)
 
-    shards: list[ShardInfo] = []
-    max_label = -1
-    for i, chunk in enumerate(
-        _chunks(_validated_samples(samples, num_classes, jpeg_check), samples_per_shard)
-    ):
-        max_label = max(max_label, *(label for _, _, label in chunk))
-        stem = f"{prefix}-{i:06d}"
-        shards.append(_write_one_shard(chunk, out / f"{stem}.tar", out / f"{stem}.idx"))
-    if not shards:
-        raise ValueError(f"no samples were given for {out / prefix}; refusing to write an empty data set")
-
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "prefix": prefix,
-        "total_samples": sum(s.num_samples for s in shards),
-        "num_classes": num_classes if num_classes is not None else max_label + 1,
-        "class_names": class_names,
-        "samples_per_shard": samples_per_shard,
-        "shards": [
-            {"tar": s.tar, "index": s.index, "num_samples": s.num_samples, "sha256": s.sha256} for s in shards
-        ],
-        "meta": dict(meta or {}),
-    }
-    with _atomic_writer(manifest_path_for(out, prefix)) as f:
-        f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-    return manifest
+    staged: list[tuple[Path, Path]] = []  # (temp name, final name) of every file this run wrote
+    try:
+        shards: list[ShardInfo] = []
+        max_label = -1
+        for i, chunk in enumerate(
+            _chunks(_validated_samples(samples, num_classes, jpeg_check), samples_per_shard)
+        ):
+            max_label = max(max_label, *(label for _, _, label in chunk))
+            stem = f"{prefix}-{i:06d}"
+            shards.append(_write_one_shard(chunk, out / f"{stem}.tar", out / f"{stem}.idx", staged))
+        if not shards:
+            raise ValueError(f"no samples were given for {out / prefix}; refusing to write an empty data set")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "prefix": prefix,
+            "total_samples": sum(s.num_samples for s in shards),
+            "num_classes": num_classes if num_classes is not None else max_label + 1,
+            "class_names": class_names,
+            "samples_per_shard": samples_per_shard,
+            "shards": [
+                {"tar": s.tar, "index": s.index, "num_samples": s.num_samples, "sha256": s.sha256}
+                for s in shards
+            ],
+            "meta": dict(meta or {}),
+            "skipped": _skipped_entries(skipped),
+        }
+        manifest_bytes = (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
+    except BaseException:
+        _remove_temp_files(staged)
+        raise
+    return StagedShards(out, prefix, manifest, staged, manifest_bytes)
 
 
 def _require(cond: bool, path: Path, what: str) -> None:
@@ -339,12 +451,14 @@ def read_manifest(path: str | os.PathLike[str], *, verify_checksums: bool = Fals
         )
         for name in (shard.tar, shard.index):
             _require(
-                Path(name).name == name, path, f"shards[{i}] file name {name!r} is not a plain file name"
+                _SHARD_FILE_PATTERN.fullmatch(name) is not None,
+                path,
+                f"shards[{i}] file name {name!r} is not a plain file name ([A-Za-z0-9_.-], no leading '.')",
             )
             if not (root / name).is_file():
                 raise FileNotFoundError(f"shard file {root / name} listed in manifest {path} does not exist")
         if verify_checksums:
-            actual = _sha256_of(root / shard.tar)
+            actual = sha256_of(root / shard.tar)
             _require(
                 actual == shard.sha256,
                 path,
@@ -364,6 +478,12 @@ def read_manifest(path: str | os.PathLike[str], *, verify_checksums: bool = Fals
     if names is not None:
         _require(len(names) == num_classes, path, f"{len(names)} class_names for num_classes={num_classes}")
         names = tuple(str(n) for n in names)
+    skipped = raw.get("skipped") or []
+    _require(isinstance(skipped, list), path, "'skipped' must be a list")
+    try:
+        skipped_entries = tuple(_skipped_entries(skipped))
+    except ValueError as exc:
+        raise ValueError(f"invalid shard manifest {path}: {exc}") from None
     return Manifest(
         path=path,
         root=root,
@@ -372,4 +492,5 @@ def read_manifest(path: str | os.PathLike[str], *, verify_checksums: bool = Fals
         num_classes=num_classes,
         class_names=names,
         meta=dict(raw.get("meta") or {}),
+        skipped=skipped_entries,
     )

@@ -4,7 +4,9 @@ It reads exactly DALI's part of the data on every rank and epoch (see ``loader_b
 same number of batches. Evaluation order is identical to DALI's (sequential); training order is not,
 because the shuffle buffer and augmentation random streams are our own — the *set* of samples each
 rank reads per epoch is the same. Everything random derives from ``(seed, rank, epoch, position)``,
-so resuming replays the epoch's stream without decoding the skipped images.
+so resuming replays the epoch's stream without decoding the skipped images. RRC and RandAugment are
+PIL re-implementations of DALI's definitions (``pil_augment``): same distribution, other random draws.
+The tars are opened with ``open()`` and read as streams; member names are never used as paths.
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from .loader_base import CROP_PADDING, Loader, LoaderConfig, part_bounds, part_for_epoch
+from .loader_base import (
+    CROP_PADDING,
+    RANDAUGMENT_BINS,
+    RANDAUGMENT_FILL,
+    RANDAUGMENT_M,
+    RANDAUGMENT_N,
+    Loader,
+    LoaderConfig,
+    part_bounds,
+    part_for_epoch,
+)
+from .pil_augment import rand_augment, random_resized_crop
 from .shards import IMAGE_EXT, LABEL_EXT
 
 RawSample = tuple[str, bytes, bytes]  # key, jpeg bytes, cls bytes
@@ -38,19 +51,24 @@ def _read_range(config: LoaderConfig, start: int, end: int) -> Iterator[RawSampl
 
 
 def _read_shard_slice(tar_path: str, expected: int, lo: int, hi: int) -> Iterator[RawSample]:
-    stream = wds.DataPipeline(wds.SimpleShardList([tar_path]), wds.tarfile_to_samples())
-    count = 0
-    for count, sample in enumerate(stream, start=1):
-        index = count - 1
-        if index >= hi:
-            return
-        if index < lo:
-            continue
-        key = sample["__key__"]
-        missing = [ext for ext in (IMAGE_EXT, LABEL_EXT) if ext not in sample]
-        if missing:
-            raise ValueError(f"{tar_path}: sample {key!r} has no {missing} member")
-        yield key, sample[IMAGE_EXT], sample[LABEL_EXT]
+    # We open the file ourselves: webdataset's own opener (gopen) treats names like "pipe:..." as shell
+    # commands. Member names only become dictionary keys; nothing is extracted to disk.
+    with open(tar_path, "rb") as f:
+        stream = wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander([{"url": tar_path, "stream": f}])
+        )
+        count = 0
+        for count, sample in enumerate(stream, start=1):
+            index = count - 1
+            if index >= hi:
+                return
+            if index < lo:
+                continue
+            key = sample["__key__"]
+            missing = [ext for ext in (IMAGE_EXT, LABEL_EXT) if ext not in sample]
+            if missing:
+                raise ValueError(f"{tar_path}: sample {key!r} has no {missing} member")
+            yield key, sample[IMAGE_EXT], sample[LABEL_EXT]
     if count != expected:
         raise ValueError(f"{tar_path}: holds {count} samples, the manifest says {expected}")
 
@@ -81,20 +99,27 @@ def _parse_label(cls: bytes, key: str, num_classes: int) -> int:
     return label
 
 
-def _decode_resized(jpeg: bytes, key: str, size: int) -> torch.Tensor:
-    """uint8 HWC tensor with the shorter side scaled to ``size`` (PIL's decoder, bilinear + antialias)."""
+def _decode(jpeg: bytes, key: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(jpeg)) as img:
-            img = img.convert("RGB")
+            return img.convert("RGB")
     except Exception as exc:
         raise ValueError(f"sample {key!r}: cannot decode image ({exc})") from exc
+
+
+def _resized_shorter(img: Image.Image, size: int) -> Image.Image:
+    """The shorter side scaled to ``size`` (bilinear + antialias, like DALI's resize)."""
     w, h = img.size
     if min(w, h) != size:
         scale = size / min(w, h)
         img = img.resize(
             (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR
         )
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return img
+
+
+def _to_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def _window(image: torch.Tensor, size: int, dy: int, dx: int) -> torch.Tensor:
@@ -139,16 +164,23 @@ class WdsLoader(Loader):
             next(stream, None)
         return stream
 
-    def _augmented(self, image: torch.Tensor, index: int) -> torch.Tensor:
+    def _augmented(self, img: Image.Image, index: int) -> torch.Tensor:
+        """The sample's CHW uint8 tensor; all randomness from (seed, rank, epoch, index in the epoch)."""
         c = self.config
-        dy = dx = 0
-        flip = False
-        if c.random_crop or c.random_flip:
-            rng = random.Random(f"augment/{c.seed}/{c.rank}/{self._epoch}/{index}")
+        rng = random.Random(f"augment/{c.seed}/{c.rank}/{self._epoch}/{index}")
+        if c.random_resized_crop:
+            img = random_resized_crop(img, c.image_size, rng)
+            if c.randaugment:
+                img = rand_augment(
+                    img, rng, n=RANDAUGMENT_N, m=RANDAUGMENT_M, bins=RANDAUGMENT_BINS, fill=RANDAUGMENT_FILL
+                )
+            image = _to_chw(img)
+        else:
+            dy = dx = 0
             if c.random_crop:
                 dy, dx = rng.randint(-CROP_PADDING, CROP_PADDING), rng.randint(-CROP_PADDING, CROP_PADDING)
-            flip = c.random_flip and rng.random() < 0.5
-        image = _window(image, c.image_size, dy, dx)
+            image = _window(_to_chw(_resized_shorter(img, c.resize_shorter)), c.image_size, dy, dx)
+        flip = c.random_flip and rng.random() < 0.5
         return image.flip(-1) if flip else image
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +190,7 @@ class WdsLoader(Loader):
         images, labels = [], []
         for index, (key, jpeg, cls) in self._stream:
             labels.append(_parse_label(cls, key, c.manifest.num_classes))
-            chw = _decode_resized(jpeg, key, c.image_size).permute(2, 0, 1)
-            images.append(self._augmented(chw, index))
+            images.append(self._augmented(_decode(jpeg, key), index))
             if len(images) == c.batch_size:
                 break
         if c.train and len(images) < c.batch_size:
