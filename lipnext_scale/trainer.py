@@ -33,6 +33,36 @@ class TooManySkippedSteps(RuntimeError):
     pass
 
 
+class ThroughputMeter:
+    """Images/s over all ranks and the share of wall time spent waiting for the next batch, per log window."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.since, self.images, self.waited = time.perf_counter(), 0, 0.0
+
+    def timed(self, batches):
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                images, labels = next(iterator)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - start
+            self.images += len(labels)
+            yield images, labels
+
+    def read_and_reset(self) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        stats = {
+            "images_per_s": self.images * self.world_size / elapsed,
+            "data_wait_share": self.waited / elapsed,
+        }
+        self.since, self.images, self.waited = now, 0, 0.0
+        return stats
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         # bf16 matmuls are fast on GPUs; on CPUs they are emulated and slower than fp32.
@@ -295,24 +325,23 @@ class Trainer:
             mininterval=1.0,
         )
         result = None
+        meter = ThroughputMeter(self.dist.world_size)
         while self.step < self.total_steps:
-            tick, seen = time.perf_counter(), 0
             epoch_done = True
-            for images, labels in self.train_loader:
-                seen += len(labels)
+            for images, labels in meter.timed(self.train_loader):
                 if not self.train_micro_batch(images, labels):
                     continue
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     eps = training_eps(t.eps, t.eps_ramp, (self.step - 1) / max(1, self.total_steps - 1))
-                    stats = self.step_stats(eps)
-                    stats["images_per_s"] = seen * self.dist.world_size / (time.perf_counter() - tick)
+                    stats = {**self.step_stats(eps), **meter.read_and_reset()}
                     self.log(stats)
                     ds.write_monitor_events(self.engine, stats, self.step)
                     bar.set_postfix(
                         loss=f"{stats['loss']:.3f}",
                         acc=f"{stats['acc']:.3f}",
                         img_s=f"{stats['images_per_s']:.0f}",
+                        data_wait=f"{stats['data_wait_share']:.0%}",
                     )
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -322,6 +351,7 @@ class Trainer:
             if epoch_done:
                 self.epoch += 1
             result = self.evaluate()
+            meter.read_and_reset()  # evaluation time is not training throughput
             self.log({"step": self.step, "epoch": self.epoch, "eval": result})
             if self.is_main:
                 bar.write(

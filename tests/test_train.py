@@ -38,6 +38,7 @@ def test_metrics_log_every_step_record_with_orthogonality_below_1e5(trained_quic
     assert [r["step"] for r in steps] == [*range(5, last, 5), last]
     assert all(r["orthogonality_error"] < 1e-5 for r in steps)
     assert all(r["images_per_s"] > 0 and r["skipped_steps"] == 0 for r in steps)
+    assert all(0 <= r["data_wait_share"] < 1 for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
