@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lipnext_scale.config import load_recipe
 from lipnext_scale.data import make_digits_shards
@@ -12,6 +13,16 @@ from lipnext_scale.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for modules of tiny tensor ops: on the 2-core CI machine torch's 2-thread pool
+    costs ~8 ms per tiny op (a 64x3x32x32 .min(): 8 ms vs 0.05 ms with one thread)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

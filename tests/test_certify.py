@@ -24,14 +24,7 @@ from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.loss import emma_loss
 from lipnext_scale.model import LipNeXt
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    # On the 2-core CI machine torch's 2-thread intra-op pool costs milliseconds per tiny op.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def logits64(model: LipNeXt, images: torch.Tensor) -> torch.Tensor:

@@ -35,14 +35,7 @@ JPEG_TOLERANCE = 8 / 255
 # ----------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    # On the 2-core CI machine torch's 2-thread intra-op pool costs ~8 ms per tiny op (measured: a
-    # 64x3x32x32 .min() takes 8 ms vs 0.05 ms with one thread); the checks here are all tiny ops.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -47,12 +47,7 @@ make_shards = load_tool("make_shards")
 verify_shards = load_tool("verify_shards")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def run_make(*args: object) -> None:

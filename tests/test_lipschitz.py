@@ -36,13 +36,7 @@ IMAGE, PATCH, TOKENS = 8, 2, 4
 WIDE, NARROW = 16, 8  # width ≥ 3P² (isometric stem) and width < 3P² (projecting stem)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    # On the 2-core CI machine torch's 2-thread intra-op pool costs milliseconds per tiny op.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ----------------------------------------------------------------------------- layers under test

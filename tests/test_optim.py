@@ -24,14 +24,7 @@ from lipnext_scale.optim import (
 )
 from lipnext_scale.optim.fastexp import FOURTH_ORDER_MAX_NORM, SECOND_ORDER_MAX_NORM
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    # On the 2-core CI machine torch's 2-thread intra-op pool costs milliseconds per tiny op.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def random_skew(n: int, norm: float, seed: int, dtype=torch.float64, rank2: bool = False) -> torch.Tensor:
