@@ -40,6 +40,8 @@ class ModelConfig:
     alpha: float = field(default=1 / 8, metadata=_range(0, 0.25))
     beta: float = field(default=0.5, metadata=_range(0, 1))
     checkpoint_every: int = field(default=0, metadata=_range(0))
+    # torch.compile each block's forward (needs a C++ compiler on CPUs, Triton on GPUs).
+    compile: bool = False
 
 
 @dataclass

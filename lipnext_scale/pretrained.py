@@ -26,6 +26,7 @@ def build_model(recipe: Recipe) -> LipNeXt:
         alpha=m.alpha,
         beta=m.beta,
         checkpoint_every=m.checkpoint_every,
+        compile_blocks=m.compile,
     )
 
 

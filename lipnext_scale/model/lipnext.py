@@ -54,6 +54,7 @@ class LipNeXt(nn.Module):
         beta: float = 0.5,
         in_chans: int = 3,
         checkpoint_every: int = 0,
+        compile_blocks: bool = False,
     ):
         super().__init__()
         if image_size % patch:
@@ -65,6 +66,11 @@ class LipNeXt(nn.Module):
         self.blocks = nn.ModuleList(LipNeXtBlock(width, (tokens, tokens), alpha, beta) for _ in range(depth))
         self.head = LLNHead(width, num_classes)
         self.reset_parameters()
+        if compile_blocks:
+            # In place (`Module.compile`): parameter names and state_dict keys stay as they are. All blocks
+            # share one code object, so torch.compile traces once per input shape/dtype and reuses it.
+            for block in self.blocks:
+                block.compile()
 
     def reset_parameters(self) -> None:
         for module in self.modules():

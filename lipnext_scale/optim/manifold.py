@@ -124,7 +124,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
     def write_back(self, param: torch.nn.Parameter) -> None:
         """Copy the master into the (possibly lower-precision) model weight."""
         master = self.state[param]["master"]
-        if param.data is not master:
+        if master.data_ptr() != param.data_ptr():  # an fp32 weight is its own master
             param.data.copy_(master)
 
     def _adam_direction(self, state: dict, direction_grad: torch.Tensor) -> torch.Tensor:

@@ -213,7 +213,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         return sum(
             v.numel() * v.element_size()
             for k, v in state.items()
-            if isinstance(v, torch.Tensor) and not (k == "master" and v is param.data)
+            if isinstance(v, torch.Tensor) and not (k == "master" and v.data_ptr() == param.data_ptr())
         )
 
     def optimizer_bytes(self) -> int:

@@ -1,0 +1,193 @@
+"""tools/plan_memory.py against measurements: the distributed benchmark's optimizer and weight bytes, the
+bytes autograd saves and the live bytes of a real forward/backward on CPU; and the 1B/2B fit claims."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lipnext_scale.config import load_recipe
+from lipnext_scale.loss import classification_loss
+from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
+from lipnext_scale.pretrained import build_model
+from lipnext_scale.trainer import manifold_hyper, named_parameters_with_kinds
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+GIB = 2**30
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plan_memory = _load_tool("plan_memory")
+
+
+def _rel(planned: float, measured: float) -> float:
+    return abs(planned - measured) / measured
+
+
+# --- parameters, gradients, optimizer state -------------------------------------------------------------
+
+
+def test_optimizer_and_weight_bytes_match_the_distributed_benchmark():
+    """Two real ranks (torchrun, DeepSpeed engine, sharded optimizer); bf16, so masters are separate."""
+    overrides = ["train.precision=bf16", "train.micro_batch_size=4", "model.size=L6W64"]
+    measured = _load_tool("bench_distributed").launch(2, str(QUICKSTART), overrides, steps=1)
+    planned = plan_memory.plan(load_recipe(QUICKSTART, overrides), world_size=2)
+
+    assert measured["dtype"] == "torch.bfloat16" and planned["compute_dtype"] == "bfloat16"
+    assert len(planned["optimizer_per_rank"]) == len(measured["optimizer_bytes_per_rank"]) == 2
+    for plan_bytes, bench_bytes in zip(planned["optimizer_per_rank"], measured["optimizer_bytes_per_rank"]):
+        assert _rel(plan_bytes, bench_bytes) <= 0.05, (planned["optimizer_per_rank"], measured)
+    measured_weights = measured["params"] * getattr(torch, measured["dtype"].removeprefix("torch.")).itemsize
+    assert _rel(planned["weights"], measured_weights) <= 0.05
+    assert planned["params"] == measured["params"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_optimizer_state_and_gradient_buffer_match_a_real_optimizer(precision):
+    """One process: the real optimizer's distinct storages (an fp32 weight *is* its master: not counted)."""
+    recipe = load_recipe(QUICKSTART, [f"train.precision={precision}"])
+    model = build_model(recipe)
+    optimizer = ShardedManifoldOptimizer(named_parameters_with_kinds(model), manifold_hyper(recipe), 1.0)
+    dtype = plan_memory.planned_dtype(recipe)
+    for p in model.parameters():  # the trainer's cast, after the optimizer took its masters
+        p.data = p.data.to(dtype)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {
+        v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    }
+    measured_state = sum(n for ptr, n in storages.items() if ptr not in weights)
+    planned = plan_memory.plan(recipe, world_size=1)
+    assert _rel(planned["optimizer_per_rank"][0], measured_state) <= 0.05
+    assert planned["grad_buffer"] == optimizer.grad_buffer.numel() * optimizer.grad_buffer.element_size()
+    assert planned["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --- activations -------------------------------------------------------------------------------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created by ops inside the mode that are alive at the same time."""
+
+    def __init__(self, exclude: list[torch.Tensor]):
+        super().__init__()
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.seen = weakref.WeakKeyDictionary()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.nbytes() and storage not in self.seen and storage.data_ptr() not in self.exclude:
+                    self.seen[storage] = True
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def measure_activations(recipe, micro_batch: int) -> dict:
+    """A training micro-step as the trainer does it: real model, real gradient hooks, EMMA loss."""
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    # Installs the hooks that move each gradient into the fp32 buffer (planned apart: not counted here).
+    optimizer = ShardedManifoldOptimizer(named_parameters_with_kinds(model), manifold_hyper(recipe), 1.0)
+    dtype = plan_memory.planned_dtype(recipe)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    params = list(model.parameters())
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    size, classes = recipe.model.image_size, recipe.model.num_classes
+    meter = LiveBytes([*params, optimizer.grad_buffer])
+    with meter:
+        images = torch.rand(micro_batch, 3, size, size)
+        labels = torch.randint(0, classes, (micro_batch,))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(images)
+            head = model.head.normalized_weight().float()
+            loss = classification_loss("emma", logits, labels, head, 0.1)
+        loss.backward()
+    return {"kept": sum(saved.values()), "peak": meter.peak}
+
+
+@pytest.mark.parametrize(
+    "size,micro,precision",
+    [("L6W64", 4, "fp32"), ("L8W128", 8, "bf16"), ("L6W64", 16, "bf16")],
+)
+@pytest.mark.parametrize("checkpoint_every", [0, 1, 2])
+def test_activation_formula_matches_what_autograd_saves(size, micro, precision, checkpoint_every):
+    recipe = load_recipe(
+        QUICKSTART,
+        [f"model.size={size}", f"train.precision={precision}", f"model.checkpoint_every={checkpoint_every}"],
+    )
+    measured = measure_activations(recipe, micro)
+    b = plan_memory.dtype_bytes(plan_memory.planned_dtype(recipe))
+    planned = plan_memory.activation_plan(recipe.model, "emma", micro, b, checkpoint_every)
+    grads = plan_memory.parameter_plan(recipe, 1, plan_memory.planned_dtype(recipe))["transient_grads"]
+    assert _rel(planned["kept"], measured["kept"]) <= 0.10, (planned, measured)
+    # The peak (kept + input + backward working set + recomputed block + transient gradients) may over- but
+    # never under-state; so may its backward part alone (the plan adds all of one block's W² gradients).
+    peak = planned["peak"] + grads
+    assert measured["peak"] <= peak <= 1.15 * measured["peak"], (planned, grads, measured)
+    excess = (peak - planned["kept"]) / (measured["peak"] - measured["kept"])
+    assert 1.0 <= excess <= 1.35, (planned, grads, measured)
+
+
+def test_checkpointing_shrinks_kept_activations_to_block_inputs():
+    recipe = load_recipe(QUICKSTART, ["model.size=L8W128"])
+    full, every = (plan_memory.activation_plan(recipe.model, "emma", 32, 2, k) for k in (0, 1))
+    tokens = (recipe.model.image_size // recipe.model.patch) ** 2
+    assert full["blocks_kept"] == 8 * full["per_block"]
+    assert every["blocks_kept"] == 8 * 32 * tokens * 128 * 2  # one bf16 block input per block
+
+
+# --- the recipes' claims -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe_name,gpus,nodes", [("in1k_1b.yaml", 8, 1), ("in1k_2b.yaml", 8, 2)])
+def test_billion_parameter_recipes_fit_80gb_gpus(recipe_name, gpus, nodes):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plan_memory.py"), str(REPO / "recipes" / recipe_name),
+         "--gpus", str(gpus), "--nodes", str(nodes), "--gpu-memory-gib", "80", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    p = json.loads(out.stdout)
+    assert p["world_size"] == gpus * nodes and p["compute_dtype"] == "bfloat16"
+    assert p["micro_batch"] == 1024 // (gpus * nodes) and p["micro_batch_valid"]
+    assert p["fits"] and p["peak"] <= 0.9 * 80 * GIB
+    # Sharding by whole matrices: each rank holds at most 1/N of the state plus one matrix's state.
+    assert max(p["optimizer_per_rank"]) <= p["optimizer_unsharded"] / p["world_size"] + p["largest_state"]
+    assert max(p["optimizer_per_rank"]) < 3 * GIB
+    # The fp32 gradient buffer is full size on every rank: 4 bytes per parameter.
+    assert p["grad_buffer"] >= 4 * p["params"]
+    assert 1.0e9 < p["params"] < 1.2e9 if "1b" in recipe_name else 2.0e9 < p["params"] < 2.2e9
