@@ -99,7 +99,9 @@ class CertifyConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/quickstart"
+    # Weights & Biases logging (offline unless WANDB_MODE is set; `wandb sync <output_dir>/wandb/...` later).
     wandb: bool = False
+    wandb_project: str = "lipnext_scale"
     # Checkpoints go to <output_dir>/checkpoints every n optimizer steps (0 = only at the end).
     checkpoint_every: int = field(default=0, metadata=_range(0))
     keep_checkpoints: int = field(default=2, metadata=_range(1))

@@ -27,6 +27,7 @@ from lipnext_scale.model.layers import orthogonality_error
 from lipnext_scale.optim import ManifoldHyper, lr_schedule, parameter_kind
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
 from lipnext_scale.pretrained import build_model, save_pretrained
+from lipnext_scale.tracking import WandbLogger, run_info
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -167,6 +168,12 @@ class Trainer:
             open(self.out / "metrics.jsonl", "a" if resuming else "w") if self.is_main else None
         )
         self.resumed_from = self._resume() if resuming else None
+        self.wandb = None
+        if self.is_main:
+            info = run_info(recipe.to_dict(), self.dist.world_size)
+            (self.out / "run_info.json").write_text(json.dumps(info, indent=1))
+            if recipe.run.wandb:
+                self.wandb = WandbLogger(self.out, recipe.run.wandb_project, self.out.name, info)
         self._log_optimizer_bytes()
 
     # --- one micro-batch; every `accumulation` of them make an optimizer step ---
@@ -259,6 +266,11 @@ class Trainer:
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+        if self.wandb and "step" in record:
+            flat = {**record, **{f"eval/{k}": v for k, v in record.get("eval", {}).items()}}
+            for row in record.get("eval", {}).get("cra", []):
+                flat[f"eval/cra@{row['eps']:.4f}"] = row["cra"]
+            self.wandb.log(flat, step=record["step"])
 
     def _log_optimizer_bytes(self) -> None:
         mine = self.optimizer.optimizer_bytes()
@@ -377,4 +389,6 @@ class Trainer:
     def close(self) -> None:
         if self.metrics_file:
             self.metrics_file.close()
+        if self.wandb:
+            self.wandb.finish()
         ds.shutdown()

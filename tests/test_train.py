@@ -122,3 +122,30 @@ def test_bf16_compute_keeps_fp32_masters_and_saves_fp32(tmp_path, trained_quicks
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.data, masters[name].to(torch.bfloat16)), name
     assert {p.dtype for p in load_pretrained(tmp_path / "model.safetensors").parameters()} == {torch.float32}
+
+
+def test_run_records_itself_and_logs_to_wandb_offline(tmp_path, digits_root, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = load_recipe(
+        QUICKSTART,
+        [
+            "train.max_steps=2",
+            "train.log_every=1",
+            "run.wandb=true",
+            f"run.output_dir={tmp_path}",
+            f"data.root={digits_root}",
+        ],
+    )
+    trainer = Trainer(recipe)
+    try:
+        trainer.save(trainer.fit())
+    finally:
+        trainer.close()
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["recipe"]["train"]["max_steps"] == 2
+    assert info["versions"]["torch"].startswith("2.") and info["versions"]["deepspeed"]
+    assert info["hardware"]["world_size"] == 1 and info["hardware"]["cpus"] >= 1
+    assert "commit" in info["git"]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "wandb must run offline (no network) by default"
+    assert list(runs[0].glob("run-*.wandb"))[0].stat().st_size > 0
