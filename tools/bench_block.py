@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Speed of one LipNeXt block against its two matrix multiplications, and of the whole model.
+
+    python tools/bench_block.py RECIPE.yaml [--micro-batch B] [--steps 10] [--peak-tflops P] [key=value ...]
+
+Measured side by side in one run, forward + backward, median over steps after warm-up:
+
+- the block Z = β-Abs(F.linear(Shift((X + p)·Rᵀ), M·Rᵀ, b)) at the recipe's width, token grid and precision;
+- the same two token matmuls alone (X·Rᵀ, then ·(M·Rᵀ)ᵀ, with the W×W product), i.e. the block without shift,
+  β-Abs, positional term and bias: the share of the block's time beyond them is the non-matmul share;
+- the whole model (stem, every block, pooling, head): images/s.
+
+FLOPs counted: per block forward 2·(2·N·W²) for the token matmuls + 2·W³ for M·Rᵀ; backward twice the forward.
+MFU = achieved FLOP/s over `--peak-tflops` (default: 989 for an H100's dense bf16, 0 = not reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lipnext_scale.config import load_recipe  # noqa: E402
+from lipnext_scale.model.layers import LipNeXtBlock, random_orthogonal  # noqa: E402
+from lipnext_scale.pretrained import build_model  # noqa: E402
+from lipnext_scale.trainer import resolve_precision  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def timed(fn, steps: int, device: torch.device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument(
+        "--micro-batch", type=int, default=0, help="default: the recipe's train.micro_batch_size"
+    )
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model measurement")
+    args = parser.parse_intermixed_args()
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision(recipe.train.precision, device)
+    m = recipe.model
+    batch = args.micro_batch or recipe.train.micro_batch_size or 8
+    tokens = m.image_size // m.patch
+    with torch.device("meta"):
+        width = build_model(recipe).blocks[0].R.shape[0]
+    n_tokens = batch * tokens * tokens
+
+    block = LipNeXtBlock(width, (tokens, tokens), m.alpha, m.beta)
+    with torch.no_grad():
+        block.R.copy_(random_orthogonal(width, width))
+        block.M.copy_(random_orthogonal(width, width))
+    block = block.to(device=device, dtype=dtype)
+    x = torch.randn(batch, tokens, tokens, width, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
+
+    def block_step():
+        torch.autograd.backward(block(x), grad_out)
+
+    def matmuls_step():
+        y = F.linear(F.linear(x, block.R), block.M @ block.R.t())
+        torch.autograd.backward(y, grad_out)
+
+    t_block = timed(block_step, args.steps, device)
+    t_mm = timed(matmuls_step, args.steps, device)
+    flops = 3 * (2 * 2 * n_tokens * width**2 + 2 * width**3)
+    peak = args.peak_tflops
+    if peak is None:
+        peak = (
+            H100_BF16_DENSE_TFLOPS
+            if device.type == "cuda" and "H100" in torch.cuda.get_device_name()
+            else 0.0
+        )
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{m.size}  width {width}  tokens {tokens}x{tokens}  micro-batch {batch}  {dtype}  on {name}")
+    print(f"block fwd+bwd          {1e3 * t_block:9.3f} ms   {flops / t_block / 1e12:8.2f} TFLOP/s")
+    print(f"two matmuls fwd+bwd    {1e3 * t_mm:9.3f} ms   {flops / t_mm / 1e12:8.2f} TFLOP/s")
+    print(f"non-matmul share       {max(0.0, 1 - t_mm / t_block):9.1%}")
+    if peak:
+        print(f"block MFU              {flops / t_block / 1e12 / peak:9.1%}   (peak {peak:g} TFLOP/s)")
+
+    if not args.no_model:
+        model = build_model(recipe).to(device=device, dtype=dtype)
+        images = torch.rand(batch, 3, m.image_size, m.image_size, device=device)
+        labels = torch.randint(0, m.num_classes, (batch,), device=device)
+
+        def model_step():
+            F.cross_entropy(model(images), labels).backward()
+
+        t_model = timed(model_step, args.steps, device)
+        model_flops = len(model.blocks) * flops
+        print(
+            f"model fwd+bwd          {1e3 * t_model:9.3f} ms   {batch / t_model:8.1f} images/s   "
+            f"{model_flops / t_model / 1e12:.2f} TFLOP/s in blocks"
+            + (f"   MFU {model_flops / t_model / 1e12 / peak:.1%}" if peak else "")
+        )
+
+
+if __name__ == "__main__":
+    main()
