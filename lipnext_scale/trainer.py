@@ -6,6 +6,7 @@ The same code runs as one process or as N ranks under deepspeed/torchrun; `engin
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lipnext_scale.checkpoint import (
 )
 from lipnext_scale.config import Recipe
 from lipnext_scale.data import build_loader, make_digits_shards
-from lipnext_scale.loss import classification_loss, training_eps
+from lipnext_scale.loss import classification_loss, head_pair_distances_from_unit_rows, training_eps
 from lipnext_scale.model.layers import orthogonality_error
 from lipnext_scale.optim import ManifoldHyper, lr_schedule, parameter_kind
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
@@ -62,6 +63,13 @@ class ThroughputMeter:
         }
         self.since, self.images, self.waited = now, 0, 0.0
         return stats
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPUs the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -161,7 +169,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self._saved_step = -1
-        self._window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        self._window = dict.fromkeys(("loss", "correct", "certified", "count"), 0.0)
         resuming = recipe.run.resume and (self.ckpt_dir / "latest").exists()
         # A resumed run continues its log; a fresh one must not inherit an old run's records.
         self.metrics_file = (
@@ -191,6 +199,7 @@ class Trainer:
         n = len(labels)
         self._window["loss"] += loss.item() * n
         self._window["correct"] += (logits.argmax(1) == labels).sum().item()
+        self._window["certified"] += self._certified_at(logits.detach(), labels, head.detach(), eps)
         self._window["count"] += n
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
@@ -210,23 +219,31 @@ class Trainer:
 
     def step_stats(self, eps: float) -> dict:
         """Global (all-rank) loss and accuracy since the last call, plus optimizer scalars."""
-        w = ds.all_reduce_sum(
-            torch.tensor(
-                [self._window["loss"], self._window["correct"], self._window["count"]], dtype=torch.float64
-            )
-        )
-        self._window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        keys = ("loss", "correct", "certified", "count")
+        w = ds.all_reduce_sum(torch.tensor([self._window[k] for k in keys], dtype=torch.float64))
+        self._window = dict.fromkeys(("loss", "correct", "certified", "count"), 0.0)
         return {
             "step": self.step,
             "epoch": self.epoch + 1,
-            "loss": (w[0] / w[2]).item(),
-            "acc": (w[1] / w[2]).item(),
+            "loss": (w[0] / w[3]).item(),
+            "acc": (w[1] / w[3]).item(),
+            "train_cert_acc": (w[2] / w[3]).item(),
             "grad_norm": self.optimizer._global_grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "eps": eps,
             "skipped_steps": self.optimizer.skipped_steps,
             "orthogonality_error": self.orthogonality_error(),
+            "peak_memory_gib": peak_memory_gib(self.device),
         }
+
+    @staticmethod
+    def _certified_at(logits: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, eps: float) -> float:
+        """Training-batch points correct with margin radius ≥ eps, taking the backbone's bound as 1 and the
+        compute-dtype head: a progress signal, not a certificate (evaluation certifies with fp32 weights)."""
+        distances = head_pair_distances_from_unit_rows(head)[labels]
+        margins = logits.gather(1, labels[:, None]) - logits
+        radius = (margins / distances).scatter(1, labels[:, None], float("inf")).amin(1)
+        return (radius >= eps).sum().item()
 
     # --- evaluation and outputs ---
 
@@ -352,8 +369,10 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{stats['loss']:.3f}",
                         acc=f"{stats['acc']:.3f}",
+                        cert=f"{stats['train_cert_acc']:.3f}",
                         img_s=f"{stats['images_per_s']:.0f}",
-                        data_wait=f"{stats['data_wait_share']:.0%}",
+                        wait=f"{stats['data_wait_share']:.0%}",
+                        mem=f"{stats['peak_memory_gib']:.1f}G",
                     )
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                     self.save_checkpoint()

@@ -268,3 +268,33 @@ def test_non_finite_step_is_skipped_on_every_rank_and_repeated_ones_stop_the_run
         assert (
             "2 optimizer steps in a row" in report["stopped"] and "Last good checkpoint" in report["stopped"]
         )
+
+
+# --- the ImageNet recipes, at tiny width and full depth, through the same code path ---
+
+
+@pytest.mark.parametrize("recipe", ["in1k_1b.yaml", "in1k_2b.yaml"])
+def test_imagenet_recipe_runs_at_tiny_width_on_two_ranks(tmp_path, digits_root, recipe):
+    # Same depth (32), patch, image size, precision, activation checkpointing and augmentation as the recipe;
+    # width 64 and the digits (upscaled to 224) instead of ImageNet so that it runs on a CPU.
+    torchrun(
+        2,
+        TRAIN,
+        REPO / "recipes" / recipe,
+        "model.size=L32W64",
+        "data.source=digits",
+        f"data.root={digits_root}",
+        "data.batch_size=4",
+        "train.max_steps=3",
+        "train.log_every=1",
+        "certify.batch_size=100",
+        f"run.output_dir={tmp_path}",
+    )
+    info = json.loads((tmp_path / "run_info.json").read_text())["recipe"]
+    assert info["model"]["checkpoint_every"] == 1 and info["train"]["precision"] == "bf16"
+    assert info["model"]["image_size"] == 224 and info["data"]["augment"] == "randaugment"
+    losses = step_losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["num_samples"] == 297 and result["orthogonality_error"] < 1e-5
+    assert 1.0 <= result["lipschitz_bound"] < 1.001

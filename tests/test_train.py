@@ -39,6 +39,8 @@ def test_metrics_log_every_step_record_with_orthogonality_below_1e5(trained_quic
     assert all(r["orthogonality_error"] < 1e-5 for r in steps)
     assert all(r["images_per_s"] > 0 and r["skipped_steps"] == 0 for r in steps)
     assert all(0 <= r["data_wait_share"] < 1 for r in steps)
+    assert all(0 <= r["train_cert_acc"] <= r["acc"] for r in steps) and steps[-1]["train_cert_acc"] > 0
+    assert all(r["peak_memory_gib"] > 0 for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
