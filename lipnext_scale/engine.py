@@ -121,6 +121,10 @@ def shutdown() -> None:
     if dist.is_initialized():
         import deepspeed.comm
 
+        # No rank may tear down its end of the process group (rank 0 hosts the rendezvous store) while
+        # another still uses it: that aborts the process ("terminate called without an active exception").
+        dist.barrier()
+
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a new run can start
     while _ENV_SET_HERE:
         os.environ.pop(_ENV_SET_HERE.pop(), None)

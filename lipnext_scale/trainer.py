@@ -84,10 +84,12 @@ def data_manifests(recipe: Recipe, is_main: bool) -> tuple[Path, Path]:
     if d.source != "digits":
         return Path(d.train_manifest), Path(d.val_manifest)
     root = Path(d.root) if d.root else Path(recipe.run.output_dir) / "data"
+    # The digits are always stored at 32×32 (the loader resizes to model.image_size), so that runs of
+    # different image sizes can share one copy without rewriting it under each other.
     if is_main:  # one writer; the others reuse the finished shards
-        make_digits_shards(root, image_size=recipe.model.image_size)
+        make_digits_shards(root)
     ds.barrier()
-    manifests = make_digits_shards(root, image_size=recipe.model.image_size)
+    manifests = make_digits_shards(root)
     return manifests["train"], manifests["test"]
 
 
