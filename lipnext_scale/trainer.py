@@ -171,13 +171,15 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self._saved_step = -1
+        self._eval_model = None  # fp32 copy for evaluation, built on first use
         self._window = dict.fromkeys(("loss", "correct", "certified", "count"), 0.0)
         resuming = recipe.run.resume and (self.ckpt_dir / "latest").exists()
         # A resumed run continues its log; a fresh one must not inherit an old run's records.
         self.metrics_file = (
             open(self.out / "metrics.jsonl", "a" if resuming else "w") if self.is_main else None
         )
-        self.resumed_from = self._resume() if resuming else None
+        if resuming:
+            self._resume()
         self.wandb = None
         if self.is_main:
             info = run_info(recipe.to_dict(), self.dist.world_size)
@@ -255,7 +257,7 @@ class Trainer:
 
     def fp32_model(self):
         state = self.fp32_state()
-        if not hasattr(self, "_eval_model"):
+        if self._eval_model is None:
             with torch.device("meta"):
                 self._eval_model = build_model(self.recipe)
         self._eval_model.load_state_dict(state, assign=True)
@@ -326,7 +328,7 @@ class Trainer:
         except IncompleteCheckpoint:
             return "none"
 
-    def _resume(self) -> Path:
+    def _resume(self) -> None:
         tag_dir, manifest = resolve_checkpoint(self.ckpt_dir)
         state = load_checkpoint(tag_dir, manifest, self.dist.rank, self.dist.world_size, self.optimizer)
         self.step, self.epoch = state["step"], state["epoch"]
@@ -340,7 +342,6 @@ class Trainer:
             )
         if self.is_main:
             print(f"resumed from {tag_dir} at step {self.step}", flush=True)
-        return tag_dir
 
     # --- the loop ---
 

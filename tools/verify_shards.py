@@ -17,7 +17,6 @@ The archives are only read: member names are checked as data, never used as path
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
 import tarfile
@@ -36,6 +35,7 @@ from lipnext_scale.data.shards import (  # noqa: E402
     Manifest,
     index_text,
     read_manifest,
+    sha256_of,
     validate_key,
 )
 
@@ -166,14 +166,6 @@ def verify_shard(
     return len(entries)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(manifest_path: str | Path, decode: bool = False) -> Summary:
     try:
         manifest: Manifest = read_manifest(manifest_path)
@@ -184,7 +176,7 @@ def verify(manifest_path: str | Path, decode: bool = False) -> Summary:
         manifest.shards, manifest.tar_paths, manifest.index_paths, strict=True
     ):
         verify_shard(Path(tar_path), Path(index_path), shard.num_samples, manifest.num_classes, decode, seen)
-        actual = _sha256(Path(tar_path))
+        actual = sha256_of(Path(tar_path))
         if actual != shard.sha256:
             raise VerifyError(tar_path, f"sha256 is {actual}, the manifest says {shard.sha256}")
     return Summary(
