@@ -62,14 +62,19 @@ def test_image_folder_to_shards_reencodes_what_dali_cannot_read(tmp_path: Path) 
             unmatched.remove(match[0])
 
 
-def test_bench_data_compares_both_backends_on_digits(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    manifest = make_digits_shards(tmp_path / "digits", image_size=16)["train"]
+def _load_bench_data():
     spec = importlib.util.spec_from_file_location("bench_data", TOOL.parent / "bench_data.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_data_compares_both_backends_on_digits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = make_digits_shards(tmp_path / "digits", image_size=16)["train"]
+    bench = _load_bench_data()
     threads = torch.get_num_threads()
     try:
         args = [str(manifest), "--batch-size", "32", "--batches", "3", "--warmup", "1", "--threads", "1"]
@@ -84,3 +89,24 @@ def test_bench_data_compares_both_backends_on_digits(
         assert (int(batches), int(images)) == (3, 96), backend
         assert float(_rest[1]) > 0, backend  # img/s
     assert lines[4].startswith("dali/wds: ") and "img/s per core" in lines[4]
+
+
+def test_bench_data_stages_split_cpu_time_per_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = make_digits_shards(tmp_path / "digits", image_size=16)["train"]
+    bench = _load_bench_data()
+    threads = torch.get_num_threads()
+    try:
+        args = [str(manifest), "--batch-size", "32", "--batches", "3", "--warmup", "1", "--threads", "1"]
+        assert bench.main([*args, "--augment", "rrc_flip", "--seconds", "0.2", "--stages"]) == 0
+        with pytest.raises(SystemExit):
+            bench.main([*args, "--augment", "flip", "--stages"])  # no resize stage to time
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("CPU ms per image"))
+    stages = [line.rsplit(maxsplit=3) for line in lines[header + 1 : header + 4]]
+    assert [s[0].split()[0] for s in stages] == ["JPEG", "random-resized-crop", "rest"]
+    for _name, dali_ms, wds_ms, _ratio in stages[:2]:
+        assert float(dali_ms) > 0 and float(wds_ms) > 0

@@ -66,9 +66,9 @@ def _decoded_square_images(jpegs: Any, config: LoaderConfig) -> Any:
     )
 
 
-def _random_resized_crops(jpegs: Any, config: LoaderConfig) -> Any:
-    """ImageNet RRC: decode a random window (area fraction RRC_SCALE, aspect RRC_RATIO), resize it."""
-    images = fn.decoders.image_random_crop(
+def _random_crop_windows(jpegs: Any, config: LoaderConfig) -> Any:
+    """Decode only a random window of each image (area fraction RRC_SCALE, aspect RRC_RATIO)."""
+    return fn.decoders.image_random_crop(
         jpegs,
         device=_decoder_device(config),
         output_type=types.RGB,
@@ -76,6 +76,9 @@ def _random_resized_crops(jpegs: Any, config: LoaderConfig) -> Any:
         random_aspect_ratio=list(RRC_RATIO),
         num_attempts=RRC_ATTEMPTS,
     )
+
+
+def _resized_square(images: Any, config: LoaderConfig) -> Any:
     return fn.resize(
         images,
         resize_x=config.image_size,
@@ -83,6 +86,11 @@ def _random_resized_crops(jpegs: Any, config: LoaderConfig) -> Any:
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
+
+
+def _random_resized_crops(jpegs: Any, config: LoaderConfig) -> Any:
+    """ImageNet RRC: decode a random window, resize it to the training size."""
+    return _resized_square(_random_crop_windows(jpegs, config), config)
 
 
 def _rand_augment_suite() -> list[Any]:
