@@ -94,6 +94,10 @@ class TrainConfig:
 class CertifyConfig:
     eps: list[float] = field(default_factory=lambda: [36 / 255, 72 / 255, 108 / 255, 1.0])
     batch_size: int = field(default=256, metadata=_range(1))
+    # Published CRA of the configuration this recipe reproduces, as [ε, CRA in [0, 1]] pairs, and where
+    # they are published; tools/certify.py draws them beside the measured curve. Empty: none drawn.
+    reported_cra: list[tuple[float, float]] = field(default_factory=list)
+    reported_source: str = ""
 
 
 @dataclass
@@ -220,8 +224,19 @@ def _validate_across_fields(recipe: Recipe, source: str) -> None:
             f"{source}: 'data.source' is 'shards' but 'data.train_manifest' / 'data.val_manifest' "
             "are not set; allowed: paths to manifests written by tools/make_shards.py"
         )
-    if any(e <= 0 for e in recipe.certify.eps):
-        raise ConfigError(f"{source}: 'certify.eps' is {recipe.certify.eps}; allowed: positive radii")
+    c = recipe.certify
+    if any(e <= 0 for e in c.eps):
+        raise ConfigError(f"{source}: 'certify.eps' is {c.eps}; allowed: positive radii")
+    bad = [list(pair) for pair in c.reported_cra if not (pair[0] > 0 and 0 <= pair[1] <= 1)]
+    if bad:
+        raise ConfigError(
+            f"{source}: 'certify.reported_cra' has {bad}; allowed: [eps > 0, CRA in [0, 1]] pairs"
+        )
+    if c.reported_cra and not c.reported_source.strip():
+        raise ConfigError(
+            f"{source}: 'certify.reported_cra' is set but 'certify.reported_source' is empty; "
+            "allowed: the publication and table the numbers come from"
+        )
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict[str, str]:

@@ -62,6 +62,11 @@ BAD_RECIPES = [
     ("data:\n  source: shards\n", ["bad.yaml", "data.train_manifest", "make_shards"]),
     ("run:\n  wandb: maybe\n", ["bad.yaml", "run.wandb", "true or false"]),
     ("certify:\n  eps: [0.1, -1]\n", ["bad.yaml", "certify.eps", "positive"]),
+    (
+        "certify:\n  reported_cra: [[36/255, 74.2]]\n  reported_source: T\n",
+        ["bad.yaml", "certify.reported_cra", "CRA in [0, 1]"],
+    ),
+    ("certify:\n  reported_cra: [[1, 0.3]]\n", ["bad.yaml", "certify.reported_source", "publication"]),
     ("model: [1, 2]\n", ["bad.yaml", "section 'model' must be a mapping"]),
     ("- just\n- a list\n", ["bad.yaml", "mapping of sections"]),
     ("model:\n  beta: [0.5\n", ["bad.yaml", "not valid YAML"]),

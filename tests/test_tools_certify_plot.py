@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lipnext_scale import certified_radius, load_pretrained
+from lipnext_scale.pretrained import save_pretrained
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -67,8 +68,8 @@ def test_certify_json_radii_and_per_class_add_up(certified):
     out, result, _ = certified
     for key in ("clean_acc", "cra", "per_class", "radii", "paper_points", "why", "audit", "lipschitz_bound"):
         assert key in result, key
-    assert result["paper_points"] is None and "DESIGN.md" in result["why"]
-    assert result["paper_configuration"] is None  # the quickstart is not a paper configuration
+    assert result["paper_points"] is None and "certify.reported_cra" in result["why"]
+    assert result["paper_configuration"] is None  # the quickstart reproduces no published table
 
     total = result["num_samples"]
     classes = result["per_class"]["classes"]
@@ -130,6 +131,30 @@ def test_certify_offload_loads_the_same_model(certified, tmp_path):
     assert offloaded["offload"] is True
     for key in ("clean_acc", "cra", "lipschitz_bound", "radii", "per_class"):
         assert offloaded[key] == result[key], key
+
+
+def test_certify_draws_the_published_points_the_recipe_lists(certified, trained_quickstart, tmp_path):
+    _, result, argv = certified
+    weights = trained_quickstart / "model.safetensors"
+    recipe = certify_tool.read_recipe(weights)
+    recipe.certify.reported_cra = [(36 / 255, 0.5), (2.5, 0.25)]  # made-up points, beyond every radius
+    recipe.certify.reported_source = "test table"
+    relabelled = tmp_path / "model.safetensors"
+    save_pretrained(relabelled, load_pretrained(weights).state_dict(), recipe)
+    assert certify_tool.main([str(relabelled), *argv[1:3], "--eps", "36/255"]) == 0
+    with_points = json.loads((tmp_path / "certify.json").read_text())
+    assert with_points["paper_configuration"] == "test table" and with_points["why"] is None
+    assert with_points["paper_points"] == [{"eps": 36 / 255, "cra": 0.5}, {"eps": 2.5, "cra": 0.25}]
+    assert with_points["cra"][0] == result["cra"][0]  # same weights, same certificate
+    assert_real_png(tmp_path / "cra_curve.png")
+    assert green_pixels(tmp_path / "cra_curve.png") > 50  # the published points' squares (and legend)
+    assert green_pixels(Path(argv[4]) / "cra_curve.png") == 0
+
+
+def green_pixels(png: Path) -> int:
+    """Pixels of matplotlib's tab:green, the colour certify.py draws published points in."""
+    rgb = torch.from_numpy(matplotlib.image.imread(str(png))[..., :3].copy())
+    return int(((rgb - torch.tensor([44, 160, 44]) / 255).abs().max(dim=-1).values < 0.02).sum())
 
 
 def test_plot_run_writes_a_png(trained_quickstart, tmp_path):

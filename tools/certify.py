@@ -47,18 +47,9 @@ HIST_BINS = 32
 CURVE_POINTS = 512
 AUDIT_SCALE = 0.999
 EXIT_VIOLATION = 3
-# Recipes matching the paper's published configurations (model size, classes) -> name.
-PAPER_CONFIGS = {
-    ("L32W1024", 10): "CIFAR-10 L32W1024",
-    ("L32W2048", 10): "CIFAR-10 L32W2048",
-    ("L32W2048", 100): "CIFAR-100 L32W2048",
-    ("L32W2048", 200): "TinyImageNet L32W2048",
-    ("L32W4096", 1000): "ImageNet 1B",
-    ("L32W5760", 1000): "ImageNet 2B",
-}
-NO_PAPER_POINTS = (
-    "/work/shared/DESIGN.md (the project's record of the paper) lists no per-configuration CRA numbers, "
-    "so no reported points are drawn"
+NO_REPORTED_CRA = (
+    "the recipe sets no certify.reported_cra (DESIGN.md, the project's record of the paper, lists no "
+    "per-configuration CRA numbers), so no published points are drawn"
 )
 
 
@@ -192,7 +183,8 @@ def plot_curve(path: Path, grid, cra, result: dict, title: str) -> None:
     ax.plot([], [], "o", color="tab:red", label="requested ε")
     if result.get("paper_points"):
         pts = result["paper_points"]
-        ax.plot([p["eps"] for p in pts], [100 * p["cra"] for p in pts], "s", color="tab:green", label="paper")
+        label = f"published: {result['paper_configuration']}"
+        ax.plot([p["eps"] for p in pts], [100 * p["cra"] for p in pts], "s", color="tab:green", label=label)
     ax.set_xlabel("ε (L2, [0,1] pixels)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -384,7 +376,7 @@ def run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     hit = pred == label
     effective = torch.where(hit, radius, torch.zeros_like(radius))
 
-    config = PAPER_CONFIGS.get((recipe.model.size, recipe.model.num_classes))
+    reported = recipe.certify.reported_cra
     result.update(
         {
             "weights": str(args.weights),
@@ -398,12 +390,13 @@ def run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 "classes": per_class(pred, label, radius, eps_list[0], recipe.model.num_classes),
             },
             "radii": radius_distribution(effective),
-            "paper_configuration": config,
-            "paper_points": None,
-            "why": NO_PAPER_POINTS,
+            "paper_configuration": recipe.certify.reported_source or None,
+            "paper_points": [{"eps": e, "cra": c} for e, c in reported] or None,
+            "why": None if reported else NO_REPORTED_CRA,
         }
     )
-    upto = max(max(eps_list), float(effective.max()) if len(effective) else 0.0) * 1.05
+    largest_radius = float(effective.max()) if len(effective) else 0.0
+    upto = max(*eps_list, *(e for e, _ in reported), largest_radius) * 1.05
     grid, cra = cra_curve(effective, hit, upto)
     curve_png = out / "cra_curve.png"
     plot_curve(curve_png, grid, cra, result, f"{args.weights.name}: {recipe.model.size}, n={len(label)}")
