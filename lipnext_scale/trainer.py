@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from lipnext_scale import engine as ds
+from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
 from lipnext_scale.certify import certification_counts, format_table, head_pair_distances, summarize
 from lipnext_scale.checkpoint import (
     IncompleteCheckpoint,
@@ -24,8 +25,9 @@ from lipnext_scale.checkpoint import (
 from lipnext_scale.config import Recipe
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.loss import classification_loss, head_pair_distances_from_unit_rows, training_eps
+from lipnext_scale.memory_plan import GIB, plan
 from lipnext_scale.model.layers import orthogonality_error
-from lipnext_scale.optim import ManifoldHyper, lr_schedule, parameter_kind
+from lipnext_scale.optim import lr_schedule
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
 from lipnext_scale.pretrained import build_model, save_pretrained
 from lipnext_scale.tracking import WandbLogger, run_info
@@ -68,15 +70,17 @@ class ThroughputMeter:
 def peak_memory_gib(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or on CPUs the process's peak resident memory."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.max_memory_allocated(device) / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        # bf16 matmuls are fast on GPUs; on CPUs they are emulated and slower than fp32.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+def peak_memory_meaning(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated, largest rank: comparable to the plan"
+    return (
+        "process peak RSS, largest rank: also holds the interpreter, libraries and the data pipeline, "
+        "so on CPUs it exceeds the plan by a constant"
+    )
 
 
 def data_manifests(recipe: Recipe, is_main: bool) -> tuple[Path, Path]:
@@ -91,26 +95,6 @@ def data_manifests(recipe: Recipe, is_main: bool) -> tuple[Path, Path]:
     ds.barrier()
     manifests = make_digits_shards(root)
     return manifests["train"], manifests["test"]
-
-
-def named_parameters_with_kinds(model) -> list[tuple[str, torch.nn.Parameter, str]]:
-    manifold = {id(p) for _, p in model.orthogonal_parameters()}
-    return [(n, p, parameter_kind(p, id(p) in manifold)) for n, p in model.named_parameters()]
-
-
-def manifold_hyper(recipe: Recipe) -> ManifoldHyper:
-    o = recipe.optim
-    return ManifoldHyper(
-        lr=o.lr,
-        euclidean_lr=o.euclidean_lr,
-        betas=o.betas,
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        euclidean_method=o.euclidean,
-        lookahead_k=o.lookahead_k,
-        lookahead_alpha=o.lookahead_alpha,
-        reorthogonalize_every=o.reorthogonalize_every,
-    )
 
 
 class Trainer:
@@ -160,6 +144,7 @@ class Trainer:
         self.compute_dtype = resolve_precision(t.precision, self.device)
         for p in self.model.parameters():
             p.data = p.data.to(self.compute_dtype)
+        self.memory_plan = plan(recipe, self.dist.world_size, micro_batch=micro, dtype=self.compute_dtype)
 
         self.steps_per_epoch = len(self.train_loader) // self.accumulation
         if self.steps_per_epoch == 0:
@@ -187,6 +172,7 @@ class Trainer:
             if recipe.run.wandb:
                 self.wandb = WandbLogger(self.out, recipe.run.wandb_project, self.out.name, info)
         self._log_optimizer_bytes()
+        self._log_memory_plan()
 
     # --- one micro-batch; every `accumulation` of them make an optimizer step ---
 
@@ -237,7 +223,8 @@ class Trainer:
             "eps": eps,
             "skipped_steps": self.optimizer.skipped_steps,
             "orthogonality_error": self.orthogonality_error(),
-            "peak_memory_gib": peak_memory_gib(self.device),
+            "peak_memory_gib": max(ds.all_gather_objects(peak_memory_gib(self.device))),
+            "planned_peak_gib": self.memory_plan["peak"] / GIB,
         }
 
     @staticmethod
@@ -303,6 +290,35 @@ class Trainer:
         )
         per_rank = ds.all_gather_objects(mine)
         self.log({"step": self.step, "optimizer_bytes_per_rank": per_rank})
+
+    def _log_memory_plan(self) -> None:
+        """The planner's per-rank figures for this run, logged once, so the measured peak has a reference."""
+        p = self.memory_plan
+        figures = {
+            "peak_gib": p["peak"] / GIB,
+            "weights_gib": p["weights"] / GIB,
+            "grad_buffer_gib": p["grad_buffer"] / GIB,
+            "optimizer_largest_rank_gib": max(p["optimizer_per_rank"]) / GIB,
+            "activation_peak_gib": p["activations"]["peak"] / GIB,
+            "step_transient_gib": p["step_transient"] / GIB,
+            "micro_batch": p["micro_batch"],
+            "checkpoint_every": p["checkpoint_every"],
+            "compute_dtype": p["compute_dtype"],
+            "measured_as": peak_memory_meaning(self.device),
+        }
+        self.log({"step": self.step, "memory_plan": figures})
+        if self.is_main:
+            f = figures
+            parts = (
+                f"weights {f['weights_gib']:.2f}, fp32 gradient buffer {f['grad_buffer_gib']:.2f}, "
+                f"optimizer state {f['optimizer_largest_rank_gib']:.2f}, "
+                f"activations {f['activation_peak_gib']:.2f} at micro-batch {f['micro_batch']}"
+            )
+            print(
+                f"memory plan per rank: peak {f['peak_gib']:.2f} GiB ({parts}); "
+                f"logged as peak_memory_gib beside it: {f['measured_as']}",
+                flush=True,
+            )
 
     # --- checkpoints ---
 
@@ -375,7 +391,7 @@ class Trainer:
                         cert=f"{stats['train_cert_acc']:.3f}",
                         img_s=f"{stats['images_per_s']:.0f}",
                         wait=f"{stats['data_wait_share']:.0%}",
-                        mem=f"{stats['peak_memory_gib']:.1f}G",
+                        mem=f"{stats['peak_memory_gib']:.1f}G/plan {stats['planned_peak_gib']:.1f}G",
                     )
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -395,6 +411,14 @@ class Trainer:
         bar.close()
         if result is None:  # resumed after the last step: nothing left to train
             result = self.evaluate()
+        measured = max(ds.all_gather_objects(peak_memory_gib(self.device)))
+        planned = self.memory_plan["peak"] / GIB
+        if self.is_main:
+            print(
+                f"peak memory {measured:.2f} GiB per rank against a plan of {planned:.2f} GiB "
+                f"({peak_memory_meaning(self.device)})",
+                flush=True,
+            )
         return result
 
     def save(self, result: dict) -> None:

@@ -1,5 +1,6 @@
-"""tools/plan_memory.py against measurements: the distributed benchmark's optimizer and weight bytes, the
-bytes autograd saves and the live bytes of a real forward/backward on CPU; and the 1B/2B fit claims."""
+"""The memory planner (lipnext_scale/memory_plan.py, tools/plan_memory.py) against measurements: the
+distributed benchmark's optimizer and weight bytes, the bytes autograd saves and the live bytes of a real
+forward/backward on CPU; and the 1B/2B fit claims."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lipnext_scale import memory_plan as plan_memory
+from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
 from lipnext_scale.config import load_recipe
 from lipnext_scale.loss import classification_loss
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
 from lipnext_scale.pretrained import build_model
-from lipnext_scale.trainer import manifold_hyper, named_parameters_with_kinds
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -33,7 +35,6 @@ def _load_tool(name: str):
     return module
 
 
-plan_memory = _load_tool("plan_memory")
 
 
 def _rel(planned: float, measured: float) -> float:

@@ -40,7 +40,12 @@ def test_metrics_log_every_step_record_with_orthogonality_below_1e5(trained_quic
     assert all(r["images_per_s"] > 0 and r["skipped_steps"] == 0 for r in steps)
     assert all(0 <= r["data_wait_share"] < 1 for r in steps)
     assert all(0 <= r["train_cert_acc"] <= r["acc"] for r in steps) and steps[-1]["train_cert_acc"] > 0
-    assert all(r["peak_memory_gib"] > 0 for r in steps)
+    (plan,) = [r["memory_plan"] for r in records if "memory_plan" in r]
+    assert plan["micro_batch"] == 64 and plan["compute_dtype"] == "float32" and "RSS" in plan["measured_as"]
+    static = plan["weights_gib"] + plan["grad_buffer_gib"] + plan["optimizer_largest_rank_gib"]
+    assert plan["peak_gib"] >= static + plan["activation_peak_gib"] > static > 0
+    assert all(r["planned_peak_gib"] == plan["peak_gib"] for r in steps)
+    assert all(r["peak_memory_gib"] > plan["peak_gib"] for r in steps)  # RSS: the plan plus the process
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 

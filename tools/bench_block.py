@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lipnext_scale.build import resolve_precision  # noqa: E402
 from lipnext_scale.config import load_recipe  # noqa: E402
 from lipnext_scale.model.layers import LipNeXtBlock, random_orthogonal  # noqa: E402
 from lipnext_scale.pretrained import build_model  # noqa: E402
-from lipnext_scale.trainer import resolve_precision  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 

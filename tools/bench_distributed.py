@@ -33,10 +33,10 @@ def worker(recipe_path: str, overrides: list[str], steps: int, result_file: Path
     import torch
 
     from lipnext_scale import engine as ds
+    from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
     from lipnext_scale.config import load_recipe
     from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
     from lipnext_scale.pretrained import build_model
-    from lipnext_scale.trainer import manifold_hyper, named_parameters_with_kinds, resolve_precision
 
     recipe = load_recipe(recipe_path, overrides)
     info = ds.setup_distributed()

@@ -1,0 +1,243 @@
+"""Per-rank memory of a recipe under the sharded manifold optimizer; the largest micro-batch that fits.
+
+Used before a run by tools/plan_memory.py, and by the trainer, which logs its measured peak beside the plan.
+Nothing is allocated: the model is built on the meta device, and the optimizer state is whatever the real
+`ManifoldOptimizer._initial_state` creates for each parameter (on meta tensors), owned by the rank that the
+real `assign_owners` picks over world = N·K; the gradient buffer is the real `FlatLayout`. Compute dtype is
+what `train.precision` resolves to on a GPU (auto → bf16), unless the caller names one.
+
+Per rank (b = bytes of the compute dtype, P = parameters):
+
+- weights: P·b on every rank;
+- gradient accumulation buffer: fp32, full size (padded owner segments) on every rank;
+- transient compute-dtype gradients: autograd writes each parameter's gradient, a hook moves it into the
+  fp32 buffer at once; at most dP (P = M·Rᵀ), dM and dR of one block are alive together: 3·W²·b;
+- optimizer state of the owned parameters: fp32 master (only when b < 4 — an fp32 weight is its own
+  master), Adam moments, Lookahead slow copy (+ the skew step sum of square orthogonal matrices);
+- activations of one micro-batch, analytically (B images of S², patch p, T = (S/p)² tokens, N = B·T,
+  width W, depth L, C classes). One block Z = β-Abs(F.linear(Shift((X + pos)·Rᵀ), M·Rᵀ, bias)) makes
+  autograd save, besides parameters (no extra memory):
+      X + pos          N·W·b   (for dR of the first matmul)
+      Shift output     N·W·b   (for d(M·Rᵀ) of the linear)
+      M·Rᵀ             W²·b    (for d(input) of the linear)
+      linear output    N·W·b   (|·| on its first βW channels saves a view, which keeps all of it; absent
+                                when round(βW) = 0)
+  (add, roll, cat and slicing save nothing of size), so S_block = (2 + [βW ≥ 1])·N·W·b + W²·b.
+  A checkpointed block (`model.checkpoint_every` = k: blocks i with i % k = 0, each on its own) keeps only
+  its input, N·W·b, and is recomputed in backward (+ S_block while its gradient is taken). Besides the
+  blocks: stem patches N·3p²·b, pooled block output N·W·b + norms B·W·b, head and loss
+  C·W·(b + 4) + 2·C²·4 + 6·B·C·4 + 4·C·4 (EMMA; cross-entropy: C·W·b + 2·B·C·4), the fp32 input images
+  B·3·S²·4, and a backward working set of 2.5·N·W·b (gradients of one block's output and intermediates;
+  measured 1.8–2.5 on CPU).
+      kept after forward  = stem + Σ blocks (S_block, or N·W·b if checkpointed) + pool + head & loss
+      activation peak     = input + kept + working set + S_block·[the last block is checkpointed]
+  tests/test_plan_memory.py checks `kept` against the bytes autograd saves (saved_tensors_hooks) and the
+  peak against the live bytes of a real forward/backward, on CPU;
+- optimizer step (activations freed): the reduce-scattered fp32 segment, then either the Riemannian update
+  of one matrix (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) or the all-gather's full
+  compute-dtype buffer plus the segment's copy, whichever is larger.
+
+Peak = weights + gradient buffer + optimizer state + max(activation peak + transient gradients, step).
+A reserve (default 10% of the GPU) is kept for the CUDA context, cuBLAS/NCCL workspaces, DALI's decoder
+buffers and allocator fragmentation, none of which is modelled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
+from lipnext_scale.config import ModelConfig, Recipe
+from lipnext_scale.model.lipnext import SIZES
+from lipnext_scale.optim.manifold import ManifoldOptimizer
+from lipnext_scale.optim.sharded import FlatLayout, assign_owners
+from lipnext_scale.pretrained import build_model
+
+GIB = 2**30
+BACKWARD_WORKING_SET = 2.5  # × N·W·b
+UPDATE_TEMPORARIES = 12  # float64 W×W matrices alive in one Riemannian update (estimate)
+CHECKPOINT_OPTIONS = (0, 1, 2, 4)
+
+
+def planned_dtype(recipe: Recipe) -> torch.dtype:
+    """The compute dtype on a GPU (what the trainer casts the model to there)."""
+    return resolve_precision(recipe.train.precision, torch.device("cuda"))
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def recipe_micro_batch(recipe: Recipe, world_size: int) -> int:
+    """The per-rank micro-batch the trainer uses."""
+    return recipe.train.micro_batch_size or max(1, recipe.data.batch_size // world_size)
+
+
+def optimizer_state_bytes(recipe: Recipe, dtype: torch.dtype) -> dict[str, dict[str, int]]:
+    """{parameter name: {state key: bytes}} as the real optimizer creates it, on meta tensors.
+
+    The optimizer is built from fp32 weights (as in the trainer, before the cast), so the master aliases the
+    weight; it costs memory of its own only when the compute dtype is not fp32.
+    """
+    with torch.device("meta"):
+        model = build_model(recipe)
+    named = named_parameters_with_kinds(model)
+    optimizer = ManifoldOptimizer(named, manifold_hyper(recipe))
+    out = {}
+    for state in optimizer.state.values():
+        out[state["name"]] = {
+            key: value.numel() * value.element_size()
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor) and not (key == "master" and dtype == torch.float32)
+        }
+    return out
+
+
+def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
+    """Everything that scales with the parameters: weights, gradient buffer, sharded optimizer state."""
+    with torch.device("meta"):
+        model = build_model(recipe)
+    named = [(n, p.numel()) for n, p in model.named_parameters()]
+    sizes = dict(named)
+    owners = assign_owners(sizes, world_size)
+    layout = FlatLayout.build(named, owners, world_size)
+    state = optimizer_state_bytes(recipe, dtype)
+    b = dtype_bytes(dtype)
+    keys = sorted({k for s in state.values() for k in s})
+    per_rank = [dict.fromkeys(keys, 0) for _ in range(world_size)]
+    for name, parts in state.items():
+        for key, nbytes in parts.items():
+            per_rank[owners[name]][key] += nbytes
+    totals = [sum(r.values()) for r in per_rank]
+    largest = max(range(world_size), key=lambda r: totals[r])
+    matrix = max(sizes.values())
+    return {
+        "params": sum(sizes.values()),
+        "largest_matrix": matrix,
+        "weights": sum(sizes.values()) * b,
+        "grad_buffer": layout.total * 4,
+        "segment": layout.segment,
+        "transient_grads": 3 * matrix * b,
+        "optimizer_per_rank": totals,
+        "optimizer_by_key_largest_rank": per_rank[largest],
+        "optimizer_unsharded": sum(totals),
+        "largest_state": max(sum(parts.values()) for parts in state.values()),
+    }
+
+
+def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, checkpoint_every: int) -> dict:
+    """Activation bytes of one micro-batch (formulas in the module docstring)."""
+    depth, width = SIZES[model.size]
+    tokens = (model.image_size // model.patch) ** 2
+    n = micro_batch * tokens
+    nw = n * width * b
+    abs_saves = round(model.beta * width) > 0
+    block = (2 + abs_saves) * nw + width * width * b
+    checkpointed = sum(1 for i in range(depth) if checkpoint_every and i % checkpoint_every == 0)
+    blocks_kept = checkpointed * nw + (depth - checkpointed) * block
+    stem = n * 3 * model.patch**2 * b
+    pool = nw + micro_batch * width * b
+    c = model.num_classes
+    if loss == "emma":
+        head_loss = c * width * (b + 4) + 2 * c * c * 4 + 6 * micro_batch * c * 4 + 4 * c * 4
+    else:
+        head_loss = c * width * b + 2 * micro_batch * c * 4
+    kept = stem + blocks_kept + pool + head_loss
+    images = micro_batch * 3 * model.image_size**2 * 4
+    working = int(BACKWARD_WORKING_SET * nw)
+    recompute = block if checkpoint_every and (depth - 1) % checkpoint_every == 0 else 0
+    return {
+        "micro_batch": micro_batch,
+        "checkpoint_every": checkpoint_every,
+        "per_block": block,
+        "blocks_kept": blocks_kept,
+        "kept": kept,
+        "images": images,
+        "working": working,
+        "recompute": recompute,
+        "peak": images + kept + working + recompute,
+    }
+
+
+def step_transient(params: dict, world_size: int, b: int) -> int:
+    segment = params["segment"]
+    reduced = segment * 4 if world_size > 1 else 0
+    update = UPDATE_TEMPORARIES * params["largest_matrix"] * 8
+    gather = params["segment"] * world_size * b + (segment * b if world_size > 1 else 0)
+    return reduced + max(update, gather)
+
+
+def peak_bytes(params: dict, activations: dict, step: int) -> int:
+    static = params["weights"] + params["grad_buffer"] + max(params["optimizer_per_rank"])
+    return static + max(activations["peak"] + params["transient_grads"], step)
+
+
+def largest_micro_batch(recipe: Recipe, params: dict, step: int, b: int, ck: int, usable: int, limit=1 << 20):
+    """Largest micro-batch whose peak fits `usable` bytes (0 if none)."""
+
+    def fits(micro: int) -> bool:
+        act = activation_plan(recipe.model, recipe.train.loss, micro, b, ck)
+        return peak_bytes(params, act, step) <= usable
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def plan(
+    recipe: Recipe,
+    world_size: int,
+    gpu_memory_gib: float = 80.0,
+    reserve: float = 0.10,
+    micro_batch: int = 0,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    dtype = dtype or planned_dtype(recipe)
+    b = dtype_bytes(dtype)
+    params = parameter_plan(recipe, world_size, dtype)
+    step = step_transient(params, world_size, b)
+    micro = micro_batch or recipe_micro_batch(recipe, world_size)
+    usable = int(gpu_memory_gib * GIB * (1 - reserve))
+    per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
+    ck_now = recipe.model.checkpoint_every
+    options = []
+    for ck in sorted({*CHECKPOINT_OPTIONS, ck_now}):
+        act = activation_plan(recipe.model, recipe.train.loss, micro, b, ck)
+        largest = largest_micro_batch(recipe, params, step, b, ck, usable)
+        valid = max((m for m in range(1, largest + 1) if per_rank_batch % m == 0), default=0)
+        peak = peak_bytes(params, act, step)
+        options.append(
+            {
+                "checkpoint_every": ck,
+                "activation_peak": act["peak"],
+                "peak": peak,
+                "fits": peak <= usable,
+                "largest_micro_batch": largest,
+                "largest_valid_micro_batch": valid,
+            }
+        )
+    act = activation_plan(recipe.model, recipe.train.loss, micro, b, ck_now)
+    peak = peak_bytes(params, act, step)
+    init = params["params"] * 4 + params["grad_buffer"] + max(params["optimizer_per_rank"])
+    return {
+        "size": recipe.model.size,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "world_size": world_size,
+        "gpu_memory_gib": gpu_memory_gib,
+        "reserve": reserve,
+        "usable": usable,
+        "micro_batch": micro,
+        "micro_batch_valid": per_rank_batch > 0 and per_rank_batch % micro == 0,
+        "checkpoint_every": ck_now,
+        **{k: v for k, v in params.items()},
+        "activations": act,
+        "step_transient": step,
+        "init_peak": init,
+        "peak": peak,
+        "fits": peak <= usable,
+        "options": options,
+    }
