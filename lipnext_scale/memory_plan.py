@@ -37,7 +37,14 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   of one matrix (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) or the all-gather's full
   compute-dtype buffer plus the segment's copy, whichever is larger.
 
-Peak = weights + gradient buffer + optimizer state + max(activation peak + transient gradients, step).
+- evaluation (training activations freed): the fp32 masters gathered on every rank into one buffer of the
+  gradient buffer's layout (the certificate needs fp32 weights), plus either a no-grad fp32 forward of
+  ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1]·(1 + β))·N·W·4 alive at once
+  (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4) and the head's C²·8 + 2·B·C·4 — or the float64
+  bound of one matrix (2·W²·8), whichever is larger.
+
+Peak = weights + gradient buffer + optimizer state
+       + max(activation peak + transient gradients, optimizer step, evaluation).
 A reserve (default 10% of the GPU) is kept for the CUDA context, cuBLAS/NCCL workspaces, DALI's decoder
 buffers and allocator fragmentation, none of which is modelled.
 """
@@ -167,6 +174,26 @@ def step_transient(params: dict, world_size: int, b: int) -> int:
     return reduced + max(update, gather)
 
 
+def evaluation_plan(model: ModelConfig, batch: int, params: dict) -> dict:
+    """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
+    _, width = SIZES[model.size]
+    n = batch * (model.image_size // model.patch) ** 2
+    alive = 4 + (1 + model.beta if round(model.beta * width) > 0 else 0)
+    c = model.num_classes
+    # + one block's M·Rᵀ, the float64 class-pair distances, logits and margins.
+    head = width * width * 4 + c * c * 8 + 2 * batch * c * 4
+    forward = batch * 3 * model.image_size**2 * 4 + int(alive * n * width * 4) + head
+    bound = 2 * params["largest_matrix"] * 8
+    fp32_copy = params["grad_buffer"]
+    return {
+        "batch": batch,
+        "fp32_copy": fp32_copy,
+        "forward": forward,
+        "bound": bound,
+        "extra": fp32_copy + max(forward, bound),
+    }
+
+
 def peak_bytes(params: dict, activations: dict, step: int) -> int:
     static = params["weights"] + params["grad_buffer"] + max(params["optimizer_per_rank"])
     return static + max(activations["peak"] + params["transient_grads"], step)
@@ -200,6 +227,8 @@ def plan(
     b = dtype_bytes(dtype)
     params = parameter_plan(recipe, world_size, dtype)
     step = step_transient(params, world_size, b)
+    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params)
+    between = max(step, evaluation["extra"])  # phases between forward/backward passes
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
@@ -207,9 +236,9 @@ def plan(
     options = []
     for ck in sorted({*CHECKPOINT_OPTIONS, ck_now}):
         act = activation_plan(recipe.model, recipe.train.loss, micro, b, ck)
-        largest = largest_micro_batch(recipe, params, step, b, ck, usable)
+        largest = largest_micro_batch(recipe, params, between, b, ck, usable)
         valid = max((m for m in range(1, largest + 1) if per_rank_batch % m == 0), default=0)
-        peak = peak_bytes(params, act, step)
+        peak = peak_bytes(params, act, between)
         options.append(
             {
                 "checkpoint_every": ck,
@@ -221,7 +250,7 @@ def plan(
             }
         )
     act = activation_plan(recipe.model, recipe.train.loss, micro, b, ck_now)
-    peak = peak_bytes(params, act, step)
+    peak = peak_bytes(params, act, between)
     init = params["params"] * 4 + params["grad_buffer"] + max(params["optimizer_per_rank"])
     return {
         "size": recipe.model.size,
@@ -236,6 +265,7 @@ def plan(
         **{k: v for k, v in params.items()},
         "activations": act,
         "step_transient": step,
+        "evaluation": evaluation,
         "init_peak": init,
         "peak": peak,
         "fits": peak <= usable,

@@ -5,6 +5,7 @@ The same code runs as one process or as N ranks under deepspeed/torchrun; `engin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import time
@@ -156,7 +157,6 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self._saved_step = -1
-        self._eval_model = None  # fp32 copy for evaluation, built on first use
         self._window = dict.fromkeys(("loss", "correct", "certified", "count"), 0.0)
         resuming = recipe.run.resume and (self.ckpt_dir / "latest").exists()
         # A resumed run continues its log; a fresh one must not inherit an old run's records.
@@ -243,12 +243,13 @@ class Trainer:
         return self.optimizer.gather_fp32_state()
 
     def fp32_model(self):
-        state = self.fp32_state()
-        if self._eval_model is None:
-            with torch.device("meta"):
-                self._eval_model = build_model(self.recipe)
-        self._eval_model.load_state_dict(state, assign=True)
-        return self._eval_model
+        """A model on the gathered fp32 masters (collective). Not kept: its weights are a full fp32 copy
+        of the model on every rank, which must be freed before training goes on."""
+        eager = dataclasses.replace(self.recipe.model, compile=False, checkpoint_every=0)  # no autograd here
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(self.recipe, model=eager))
+        model.load_state_dict(self.fp32_state(), assign=True)
+        return model
 
     def orthogonality_error(self) -> float:
         """max |XᵀX − I| over the fp32 masters of every rank (each rank measures what it owns)."""
@@ -301,6 +302,7 @@ class Trainer:
             "optimizer_largest_rank_gib": max(p["optimizer_per_rank"]) / GIB,
             "activation_peak_gib": p["activations"]["peak"] / GIB,
             "step_transient_gib": p["step_transient"] / GIB,
+            "evaluation_gib": p["evaluation"]["extra"] / GIB,
             "micro_batch": p["micro_batch"],
             "checkpoint_every": p["checkpoint_every"],
             "compute_dtype": p["compute_dtype"],

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from lipnext_scale import memory_plan as plan_memory
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
+from lipnext_scale.certify import certification_counts, head_pair_distances
 from lipnext_scale.config import load_recipe
 from lipnext_scale.loss import classification_loss
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
@@ -162,6 +163,32 @@ def test_activation_formula_matches_what_autograd_saves(size, micro, precision, 
     assert measured["peak"] <= peak <= 1.15 * measured["peak"], (planned, grads, measured)
     excess = (peak - planned["kept"]) / (measured["peak"] - measured["kept"])
     assert 1.0 <= excess <= 1.35, (planned, grads, measured)
+
+
+@pytest.mark.parametrize("size,beta", [("L6W64", 0.0), ("L6W64", 0.25), ("L8W128", 0.5)])
+def test_evaluation_formula_matches_a_real_certification_pass(size, beta):
+    """What the trainer's evaluate() allocates: the gathered fp32 masters, then a certification pass."""
+    recipe = load_recipe(QUICKSTART, [f"model.size={size}", f"model.beta={beta}", "certify.batch_size=24"])
+    model = build_model(recipe)
+    optimizer = ShardedManifoldOptimizer(named_parameters_with_kinds(model), manifold_hyper(recipe), 1.0)
+    size_px, batch = recipe.model.image_size, recipe.certify.batch_size
+    labels = torch.randint(0, recipe.model.num_classes, (batch,))
+    meter = LiveBytes([*model.parameters(), optimizer.grad_buffer])
+    with meter:
+        images = torch.rand(batch, 3, size_px, size_px)
+        with torch.device("meta"):
+            fp32 = build_model(recipe)
+        fp32.load_state_dict(optimizer.gather_fp32_state(), assign=True)
+        bound = fp32.lipschitz_bound()
+        certification_counts(fp32, [(images, labels)], [0.1], bound, head_pair_distances(fp32))
+    planned = plan_memory.plan(recipe, world_size=1)["evaluation"]
+    assert planned["batch"] == batch
+    assert measured_between(meter.peak, planned["extra"], 1.0, 1.05), (planned, meter.peak)
+
+
+def measured_between(measured: int, planned: int, lo: float, hi: float) -> bool:
+    """The plan never understates, and overstates by at most `hi`."""
+    return lo * measured <= planned <= hi * measured
 
 
 def test_checkpointing_shrinks_kept_activations_to_block_inputs():

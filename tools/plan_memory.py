@@ -62,6 +62,10 @@ def format_plan(p: dict, title: str = "") -> str:
         row("activation peak in backward (+ input, working set, recompute)", act["peak"]),
         row(f"transient {b} gradients (3 x largest matrix)", p["transient_grads"]),
         row("optimizer-step transients (activations freed)", p["step_transient"]),
+        row(
+            f"evaluation: gathered fp32 masters + fp32 forward of {p['evaluation']['batch']} images",
+            p["evaluation"]["extra"],
+        ),
         row("PEAK", p["peak"], f"   {verdict} in {p['usable'] / GIB:.1f} usable"),
         row("(start-up peak: fp32 weights + buffer + state, before the cast)", p["init_peak"]),
         "",

@@ -200,10 +200,13 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         return full
 
     def gather_fp32_state(self) -> dict[str, torch.Tensor]:
-        """{name: fp32 master} for every parameter, on every rank (for evaluation and saving)."""
+        """{name: fp32 master} for every parameter, on every rank (for evaluation and saving).
+
+        The tensors are views into one gathered buffer: one fp32 copy of the model, not two.
+        """
         full = self.gather(torch.float32)
         return {
-            name: full[self.layout.offsets[name] : self.layout.offsets[name] + p.numel()].view_as(p).clone()
+            name: full[self.layout.offsets[name] : self.layout.offsets[name] + p.numel()].view_as(p)
             for name, p in self.params_by_name.items()
         }
 
