@@ -91,14 +91,43 @@ def test_bench_data_compares_both_backends_on_digits(
     assert lines[4].startswith("dali/wds: ") and "img/s per core" in lines[4]
 
 
+def _load_sample_photos():
+    spec = importlib.util.spec_from_file_location("sample_photos", TOOL.parent / "sample_photos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_photos_are_imagenet_sized_and_reproducible(tmp_path: Path) -> None:
+    photos = _load_sample_photos()
+    first = photos.write_sample_photos(tmp_path / "a", count=6, classes=2, seed=3, quality=90)
+    again = photos.write_sample_photos(tmp_path / "b", count=6, classes=2, seed=3, quality=90)
+    other = photos.write_sample_photos(tmp_path / "c", count=6, classes=2, seed=4, quality=90)
+    assert [p.relative_to(tmp_path / "a") for p in first] == [p.relative_to(tmp_path / "b") for p in again]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
+    assert sorted({p.parent.name for p in first}) == ["class0", "class1"]
+    for path in first:
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert 400 <= img.width <= 640 and 330 <= img.height <= 427
+    with pytest.raises(SystemExit):  # never mixes new photos into a folder that holds files
+        photos.main([str(tmp_path / "a")])
+
+
 def test_bench_data_stages_split_cpu_time_per_image(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = make_digits_shards(tmp_path / "digits", image_size=16)["train"]
+    """The README's data benchmark, small: sample photos → make_shards folder → bench_data --stages."""
+    _load_sample_photos().main([str(tmp_path / "photos"), "--count", "24", "--classes", "2"])
+    load_tool().main(["folder", str(tmp_path / "photos"), str(tmp_path / "shards"), "--prefix", "photos",
+                      "--workers", "1"])  # fmt: skip
+    manifest = tmp_path / "shards" / "photos.manifest.json"
     bench = _load_bench_data()
     threads = torch.get_num_threads()
     try:
-        args = [str(manifest), "--batch-size", "32", "--batches", "3", "--warmup", "1", "--threads", "1"]
+        args = [str(manifest), "--batch-size", "8", "--batches", "3", "--warmup", "1", "--threads", "1",
+                "--image-size", "64"]  # fmt: skip
         assert bench.main([*args, "--augment", "rrc_flip", "--seconds", "0.2", "--stages"]) == 0
         with pytest.raises(SystemExit):
             bench.main([*args, "--augment", "flip", "--stages"])  # no resize stage to time
