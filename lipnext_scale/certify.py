@@ -9,7 +9,8 @@ L comes from `LipNeXt.lipschitz_bound()`, a sound bound computed from the fp32 w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -22,6 +23,42 @@ def require_fp32(model: LipNeXt) -> None:
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(f"certify with fp32 weights only; the model holds {sorted(map(str, dtypes))}")
+
+
+# fp32 matmul settings that round to fewer mantissa bits: TF32 (10 bits) on GPUs, bf16 passes on CPUs.
+_REDUCED_FP32_MATMULS = ("tf32", "bf16")
+
+
+def _fp32_matmul_settings() -> dict[str, str]:
+    b = torch.backends
+    return {"cuda": b.cuda.matmul.fp32_precision, "mkldnn": b.mkldnn.matmul.fp32_precision}
+
+
+def require_exact_fp32_matmuls() -> None:
+    """Refuse to certify logits computed with reduced-precision fp32 matmuls.
+
+    TF32 perturbs logits by about 1e-3 relative, far beyond what the Lipschitz bound accounts for, so a
+    margin near a certified radius could be wrong. `exact_fp32_matmuls()` is the way to compute them.
+    """
+    reduced = {k: v for k, v in _fp32_matmul_settings().items() if v in _REDUCED_FP32_MATMULS}
+    if reduced:
+        raise ValueError(
+            f"reduced-precision fp32 matmuls are enabled ({reduced}, e.g. by "
+            "torch.set_float32_matmul_precision('high')): certificates need exact fp32 logits; compute them "
+            "inside lipnext_scale.exact_fp32_matmuls()"
+        )
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls() -> Iterator[None]:
+    """IEEE fp32 matmuls inside, whatever the process set (TF32 for training, say); restored on exit."""
+    b = torch.backends
+    saved = _fp32_matmul_settings()
+    b.cuda.matmul.fp32_precision = b.mkldnn.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = saved["cuda"], saved["mkldnn"]
 
 
 @torch.no_grad()
@@ -41,9 +78,11 @@ def certified_radius(
     """(radius, pred) per sample, radius in the L2 norm of [0,1] pixel space.
 
     `lipschitz` and `pair_distances` may be passed in to avoid recomputing them for every batch; they must
-    come from the same fp32 weights that produced `logits`.
+    come from the same fp32 weights that produced `logits`, computed with exact fp32 matmuls (refused when
+    TF32 or bf16-based fp32 matmuls are enabled; see `exact_fp32_matmuls`).
     """
     require_fp32(model)
+    require_exact_fp32_matmuls()
     if lipschitz is None:
         lipschitz = model.lipschitz_bound()
     if pair_distances is None:
@@ -71,7 +110,8 @@ def certification_counts(
     counts = torch.zeros(len(eps_list) + 2, dtype=torch.long)
     device = next(model.parameters()).device
     for images, labels in batches:
-        radius, pred = certified_radius(model, model(images.to(device)), lipschitz, pair_distances)
+        with exact_fp32_matmuls():
+            radius, pred = certified_radius(model, model(images.to(device)), lipschitz, pair_distances)
         hit = pred == labels.cpu()
         counts[0] += hit.sum()
         counts[1:-1] += torch.stack([(hit & (radius >= eps)).sum() for eps in eps_list])

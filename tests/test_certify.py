@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import lipnext_scale
-from lipnext_scale.certify import certified_radius, evaluate, head_pair_distances
+from lipnext_scale.certify import certified_radius, evaluate, exact_fp32_matmuls, head_pair_distances
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.loss import emma_loss
 from lipnext_scale.model import LipNeXt
@@ -198,6 +198,35 @@ def test_evaluate_counts_certified_accuracy():
         assert row["eps"] == eps
         assert row["cra"] == pytest.approx((hit & (radius >= eps)).sum().item() / 20)
     assert result["lipschitz_bound"] == 1.0
+
+
+@pytest.fixture
+def reduced_fp32_matmuls():
+    """The process asks for TF32 / bf16-pass fp32 matmuls, as fast-training code often does."""
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+def test_certificates_refuse_reduced_precision_logits_and_compute_their_own_exactly(reduced_fp32_matmuls):
+    model = identity_model(1 / 8, 0.5, seed=8)
+    torch.manual_seed(9)
+    images = torch.rand(12, 3, IMAGE, IMAGE)
+    with pytest.raises(ValueError, match="exact fp32 logits"):
+        certified_radius(model, model(images))
+    settings_in_forward = []
+    hook = model.register_forward_hook(
+        lambda *_: settings_in_forward.append(
+            (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        )
+    )
+    result = evaluate(model, [(images, torch.zeros(12, dtype=torch.long))])
+    hook.remove()
+    assert settings_in_forward == [("ieee", "ieee")]
+    assert torch.get_float32_matmul_precision() == "medium"  # the process's own setting is back
+    with exact_fp32_matmuls():
+        radius, _ = certified_radius(model, model(images))
+    assert result["num_samples"] == 12 and len(radius) == 12
 
 
 # ----------------------------------------------------------------------------- PGD on a trained model

@@ -34,6 +34,7 @@ from lipnext_scale.certify import (  # noqa: E402
     DEFAULT_EPS,
     certification_counts,
     certified_radius,
+    exact_fp32_matmuls,
     head_pair_distances,
     require_fp32,
     summarize,
@@ -341,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return run(ap, args)
+        with exact_fp32_matmuls():  # every forward here, the audit's included, in IEEE fp32
+            return run(ap, args)
     finally:
         torch.set_num_threads(previous)
 
