@@ -35,8 +35,7 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   peak against the live bytes of a real forward/backward, on CPU;
 - optimizer step (activations freed): the reduce-scattered fp32 segment, then either the Riemannian update
   of one matrix (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) or the all-gather's full
-  compute-dtype buffer plus the segment's copy, whichever is larger.
-
+  compute-dtype buffer plus the segment's copy, whichever is larger;
 - evaluation (training activations freed): the fp32 masters gathered on every rank into one buffer of the
   gradient buffer's layout (the certificate needs fp32 weights), plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1]·(1 + β))·N·W·4 alive at once

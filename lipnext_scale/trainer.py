@@ -314,7 +314,8 @@ class Trainer:
             parts = (
                 f"weights {f['weights_gib']:.2f}, fp32 gradient buffer {f['grad_buffer_gib']:.2f}, "
                 f"optimizer state {f['optimizer_largest_rank_gib']:.2f}, "
-                f"activations {f['activation_peak_gib']:.2f} at micro-batch {f['micro_batch']}"
+                f"activations {f['activation_peak_gib']:.2f} at micro-batch {f['micro_batch']}, "
+                f"or evaluation {f['evaluation_gib']:.2f}"
             )
             print(
                 f"memory plan per rank: peak {f['peak_gib']:.2f} GiB ({parts}); "
