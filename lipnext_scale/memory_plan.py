@@ -36,8 +36,10 @@ Per rank (b = bytes of the compute dtype, P = parameters):
 - optimizer step (activations freed): the reduce-scattered fp32 segment, then either the Riemannian update
   of one matrix (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) or the all-gather's full
   compute-dtype buffer plus the segment's copy, whichever is larger;
-- evaluation (training activations freed): the fp32 masters gathered on every rank into one buffer of the
-  gradient buffer's layout (the certificate needs fp32 weights), plus either a no-grad fp32 forward of
+- evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
+  fp32 weights) into the gradient buffer, idle between steps — no extra bytes — except with gradient
+  accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
+  and a buffer of its size is counted; plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1]·(1 + β))·N·W·4 alive at once
   (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4) and the head's C²·8 + 2·B·C·4 — or the float64
   bound of one matrix (2·W²·8), whichever is larger.
@@ -173,7 +175,7 @@ def step_transient(params: dict, world_size: int, b: int) -> int:
     return reduced + max(update, gather)
 
 
-def evaluation_plan(model: ModelConfig, batch: int, params: dict) -> dict:
+def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: int) -> dict:
     """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
     _, width = SIZES[model.size]
     n = batch * (model.image_size // model.patch) ** 2
@@ -183,7 +185,7 @@ def evaluation_plan(model: ModelConfig, batch: int, params: dict) -> dict:
     head = width * width * 4 + c * c * 8 + 2 * batch * c * 4
     forward = batch * 3 * model.image_size**2 * 4 + int(alive * n * width * 4) + head
     bound = 2 * params["largest_matrix"] * 8
-    fp32_copy = params["grad_buffer"]
+    fp32_copy = params["grad_buffer"] if accumulation > 1 else 0
     return {
         "batch": batch,
         "fp32_copy": fp32_copy,
@@ -226,9 +228,10 @@ def plan(
     b = dtype_bytes(dtype)
     params = parameter_plan(recipe, world_size, dtype)
     step = step_transient(params, world_size, b)
-    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params)
-    between = max(step, evaluation["extra"])  # phases between forward/backward passes
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
+    accumulation = max(1, recipe.data.batch_size // (micro * world_size))
+    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params, accumulation)
+    between = max(step, evaluation["extra"])  # phases between forward/backward passes
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
     ck_now = recipe.model.checkpoint_every

@@ -242,13 +242,13 @@ class Trainer:
         """Every parameter's fp32 master, gathered from its owner (collective)."""
         return self.optimizer.gather_fp32_state()
 
-    def fp32_model(self):
-        """A model on the gathered fp32 masters (collective). Not kept: its weights are a full fp32 copy
-        of the model on every rank, which must be freed before training goes on."""
-        eager = dataclasses.replace(self.recipe.model, compile=False, checkpoint_every=0)  # no autograd here
+    def fp32_model(self, state: dict[str, torch.Tensor]):
+        """A model on fp32 weights `state` (views, no copy); for evaluation only: no compile, no
+        activation checkpointing."""
+        eager = dataclasses.replace(self.recipe.model, compile=False, checkpoint_every=0)
         with torch.device("meta"):
             model = build_model(dataclasses.replace(self.recipe, model=eager))
-        model.load_state_dict(self.fp32_state(), assign=True)
+        model.load_state_dict(state, assign=True)
         return model
 
     def orthogonality_error(self) -> float:
@@ -262,10 +262,17 @@ class Trainer:
         return max(errors)
 
     def evaluate(self) -> dict:
-        model = self.fp32_model()
+        """Clean accuracy and CRA on the validation split, certified with the fp32 masters (collective).
+
+        The masters are gathered into the gradient buffer, idle between steps, and the model on them is
+        dropped before training goes on: evaluation adds no full-size buffer to the training peak."""
         eps_list = list(self.recipe.certify.eps)
-        lipschitz = model.lipschitz_bound()
-        counts = certification_counts(model, self.val_loader, eps_list, lipschitz, head_pair_distances(model))
+        with self.optimizer.fp32_state_in_grad_buffer() as state:
+            model = self.fp32_model(state)
+            lipschitz = model.lipschitz_bound()
+            distances = head_pair_distances(model)
+            counts = certification_counts(model, self.val_loader, eps_list, lipschitz, distances)
+            del model
         result = summarize(ds.all_reduce_sum(counts), eps_list, lipschitz)
         result["orthogonality_error"] = self.orthogonality_error()
         result["num_params"] = self.num_params

@@ -165,24 +165,39 @@ def test_activation_formula_matches_what_autograd_saves(size, micro, precision, 
     assert 1.0 <= excess <= 1.35, (planned, grads, measured)
 
 
-@pytest.mark.parametrize("size,beta", [("L6W64", 0.0), ("L6W64", 0.25), ("L8W128", 0.5)])
-def test_evaluation_formula_matches_a_real_certification_pass(size, beta):
-    """What the trainer's evaluate() allocates: the gathered fp32 masters, then a certification pass."""
-    recipe = load_recipe(QUICKSTART, [f"model.size={size}", f"model.beta={beta}", "certify.batch_size=24"])
+@pytest.mark.parametrize(
+    "size,beta,micro", [("L6W64", 0.0, 64), ("L6W64", 0.25, 64), ("L8W128", 0.5, 64), ("L6W64", 0.5, 32)]
+)
+def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro):
+    """What the trainer's evaluate() allocates: the masters gathered into the idle gradient buffer (or, with
+    a step's gradients pending in it, a fresh one), then a certification pass."""
+    overrides = [f"model.size={size}", f"model.beta={beta}", "certify.batch_size=24"]
+    recipe = load_recipe(QUICKSTART, [*overrides, f"train.micro_batch_size={micro}"])
     model = build_model(recipe)
     optimizer = ShardedManifoldOptimizer(named_parameters_with_kinds(model), manifold_hyper(recipe), 1.0)
     size_px, batch = recipe.model.image_size, recipe.certify.batch_size
+    accumulating = recipe.data.batch_size > micro
+    if accumulating:  # an epoch ended after the first of two micro-batches: gradients are pending
+        model(torch.rand(2, 3, size_px, size_px)).sum().backward()
+    pending = optimizer.grad_buffer.clone()
     labels = torch.randint(0, recipe.model.num_classes, (batch,))
     meter = LiveBytes([*model.parameters(), optimizer.grad_buffer])
     with meter:
         images = torch.rand(batch, 3, size_px, size_px)
-        with torch.device("meta"):
-            fp32 = build_model(recipe)
-        fp32.load_state_dict(optimizer.gather_fp32_state(), assign=True)
-        bound = fp32.lipschitz_bound()
-        certification_counts(fp32, [(images, labels)], [0.1], bound, head_pair_distances(fp32))
+        with optimizer.fp32_state_in_grad_buffer() as state:
+            with torch.device("meta"):
+                fp32 = build_model(recipe)
+            fp32.load_state_dict(state, assign=True)
+            bound = fp32.lipschitz_bound()
+            certification_counts(fp32, [(images, labels)], [0.1], bound, head_pair_distances(fp32))
+            in_buffer = all(
+                t.untyped_storage().data_ptr() == optimizer.grad_buffer.untyped_storage().data_ptr()
+                for t in state.values()
+            )
+    assert in_buffer != accumulating
+    assert torch.equal(optimizer.grad_buffer, pending)  # zeroed again, or the pending gradients kept
     planned = plan_memory.plan(recipe, world_size=1)["evaluation"]
-    assert planned["batch"] == batch
+    assert planned["batch"] == batch and (planned["fp32_copy"] > 0) == accumulating
     assert measured_between(meter.peak, planned["extra"], 1.0, 1.05), (planned, meter.peak)
 
 

@@ -63,7 +63,8 @@ def format_plan(p: dict, title: str = "") -> str:
         row(f"transient {b} gradients (3 x largest matrix)", p["transient_grads"]),
         row("optimizer-step transients (activations freed)", p["step_transient"]),
         row(
-            f"evaluation: gathered fp32 masters + fp32 forward of {p['evaluation']['batch']} images",
+            f"evaluation: fp32 forward of {p['evaluation']['batch']} images"
+            + (" + gathered fp32 masters" if p["evaluation"]["fp32_copy"] else ""),
             p["evaluation"]["extra"],
         ),
         row("PEAK", p["peak"], f"   {verdict} in {p['usable'] / GIB:.1f} usable"),

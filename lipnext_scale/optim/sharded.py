@@ -15,7 +15,9 @@ With one process (torch.distributed not initialised) the same code runs without 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         self.consecutive_skips = 0
         self._global_grad_norm = 0.0
         self.overflow = False  # read by DeepSpeed's engine after step() to count skipped steps
+        self._gradients_pending = False  # the buffer holds gradients of a step not yet taken
         for name, param in self.params_by_name.items():
             param.register_post_accumulate_grad_hook(self._accumulate_hook(name))
 
@@ -114,6 +117,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         def hook(param: torch.Tensor) -> None:
             self.grad_buffer[offset : offset + param.numel()].add_(param.grad.reshape(-1))
             param.grad = None
+            self._gradients_pending = True
 
         return hook
 
@@ -159,6 +163,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
             self.consecutive_skips += 1
         # Cleared only now: with one rank, `mine` is the accumulation buffer itself.
         self.grad_buffer.zero_()
+        self._gradients_pending = False
         if finite:
             self.broadcast_weights()
 
@@ -187,9 +192,12 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
             param.data.copy_(gathered[offset : offset + param.numel()].view_as(param))
 
     @torch.no_grad()
-    def gather(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The flat buffer of all masters (owner-ordered layout) in `dtype`, on every rank."""
-        full = torch.zeros(self.layout.total, dtype=dtype, device=self.grad_buffer.device)
+    def gather(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat buffer of all masters (owner-ordered layout) in `dtype`, on every rank (in `out`)."""
+        if out is None:
+            full = torch.zeros(self.layout.total, dtype=dtype, device=self.grad_buffer.device)
+        else:
+            full = out.zero_()
         mine = self._my_segment(full)
         base = self.rank * self.layout.segment
         for param, state in self.state.items():
@@ -204,7 +212,23 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
 
         The tensors are views into one gathered buffer: one fp32 copy of the model, not two.
         """
-        full = self.gather(torch.float32)
+        return self._views(self.gather(torch.float32))
+
+    @contextlib.contextmanager
+    def fp32_state_in_grad_buffer(self) -> Iterator[dict[str, torch.Tensor]]:
+        """`gather_fp32_state()` without a new full-size buffer: between steps the fp32 gradient buffer
+        (same layout, same size) is idle, so the masters are gathered into it and it is zeroed again on
+        exit. Its views must not be used after the block. With gradients of an unfinished step in the
+        buffer, a fresh buffer is used instead."""
+        if self._gradients_pending:
+            yield self.gather_fp32_state()
+            return
+        try:
+            yield self._views(self.gather(torch.float32, out=self.grad_buffer))
+        finally:
+            self.grad_buffer.zero_()
+
+    def _views(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             name: full[self.layout.offsets[name] : self.layout.offsets[name] + p.numel()].view_as(p)
             for name, p in self.params_by_name.items()
