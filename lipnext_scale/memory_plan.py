@@ -20,15 +20,14 @@ Per rank (b = bytes of the compute dtype, P = parameters):
       X + pos          N·W·b   (for dR of the first matmul)
       Shift output     N·W·b   (for d(M·Rᵀ) of the linear)
       M·Rᵀ             W²·b    (for d(input) of the linear)
-      linear output    N·W·b   (|·| on its first βW channels saves a view, which keeps all of it; absent
-                                when round(βW) = 0)
-  (add, roll, cat and slicing save nothing of size), so S_block = (2 + [βW ≥ 1])·N·W·b + W²·b.
+      signs            N·βW    (int8, what β-Abs's gradient needs)
+  (the add and the shift save nothing), so S_block = 2·N·W·b + W²·b + N·round(βW).
   A checkpointed block (`model.checkpoint_every` = k: blocks i with i % k = 0, each on its own) keeps only
   its input, N·W·b, and is recomputed in backward (+ S_block while its gradient is taken). Besides the
   blocks: stem patches N·3p²·b, pooled block output N·W·b + norms B·W·b, head and loss
   C·W·(b + 4) + 2·C²·4 + 6·B·C·4 + 4·C·4 (EMMA; cross-entropy: C·W·b + 2·B·C·4), the fp32 input images
-  B·3·S²·4, and a backward working set of 2.5·N·W·b (gradients of one block's output and intermediates;
-  measured 1.8–2.5 on CPU).
+  B·3·S²·4, and a backward working set of 2.8·N·W·b (gradients of one block's output and intermediates;
+  measured 2.1–2.8 on CPU).
       kept after forward  = stem + Σ blocks (S_block, or N·W·b if checkpointed) + pool + head & loss
       activation peak     = input + kept + working set + S_block·[the last block is checkpointed]
   tests/test_plan_memory.py checks `kept` against the bytes autograd saves (saved_tensors_hooks) and the
@@ -40,7 +39,7 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   fp32 weights) into the gradient buffer, idle between steps — no extra bytes — except with gradient
   accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
   and a buffer of its size is counted; plus either a no-grad fp32 forward of
-  ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1]·(1 + β))·N·W·4 alive at once
+  ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1])·N·W·4 alive at once
   (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4) and the head's C²·8 + 2·B·C·4 — or the float64
   bound of one matrix (2·W²·8), whichever is larger.
 
@@ -62,7 +61,7 @@ from lipnext_scale.optim.sharded import FlatLayout, assign_owners
 from lipnext_scale.pretrained import build_model
 
 GIB = 2**30
-BACKWARD_WORKING_SET = 2.5  # × N·W·b
+BACKWARD_WORKING_SET = 2.8  # × N·W·b
 UPDATE_TEMPORARIES = 12  # float64 W×W matrices alive in one Riemannian update (estimate)
 CHECKPOINT_OPTIONS = (0, 1, 2, 4)
 
@@ -139,8 +138,7 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
     tokens = (model.image_size // model.patch) ** 2
     n = micro_batch * tokens
     nw = n * width * b
-    abs_saves = round(model.beta * width) > 0
-    block = (2 + abs_saves) * nw + width * width * b
+    block = 2 * nw + width * width * b + n * round(model.beta * width)  # + β-Abs's int8 signs
     checkpointed = sum(1 for i in range(depth) if checkpoint_every and i % checkpoint_every == 0)
     blocks_kept = checkpointed * nw + (depth - checkpointed) * block
     stem = n * 3 * model.patch**2 * b
@@ -179,7 +177,7 @@ def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: 
     """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
     _, width = SIZES[model.size]
     n = batch * (model.image_size // model.patch) ** 2
-    alive = 4 + (1 + model.beta if round(model.beta * width) > 0 else 0)
+    alive = 4 + (round(model.beta * width) > 0)
     c = model.num_classes
     # + one block's M·Rᵀ, the float64 class-pair distances, logits and margins.
     head = width * width * 4 + c * c * 8 + 2 * batch * c * 4

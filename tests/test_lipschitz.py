@@ -285,6 +285,43 @@ def test_spatial_shift_is_the_documented_permutation(alpha, channels):
         assert torch.equal(y[..., c].flatten(1).sort(dim=1).values, x[..., c].flatten(1).sort(dim=1).values)
 
 
+def _reference_shift(x, g):
+    rolls = [(-1, 1), (1, 1), (-1, 2), (1, 2)]
+    parts = [torch.roll(x[..., i * g : (i + 1) * g], shifts=s, dims=d) for i, (s, d) in enumerate(rolls)]
+    return torch.cat([*parts, x[..., 4 * g :]], dim=-1)
+
+
+def _reference_beta_abs(x, k):
+    return torch.cat([x[..., :k].abs(), x[..., k:]], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_shift_and_beta_abs_match_roll_cat_and_abs_bit_for_bit(dtype):
+    """The one-pass shift and the int8-sign β-Abs give the same values and gradients as the plain torch
+    formulation (roll + cat, abs + cat), exact zeros included (|·|'s gradient there is 0)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 16, dtype=torch.float64).round(decimals=1).to(dtype)  # some exact zeros
+    assert (x == 0).any()
+    grad_out = torch.randn(2, 3, 5, 16).to(dtype)
+    for fused, reference in (
+        (lambda t: spatial_shift(t, 1 / 8), lambda t: _reference_shift(t, 2)),
+        (lambda t: beta_abs(t, 0.5), lambda t: _reference_beta_abs(t, 8)),
+    ):
+        outs, grads = [], []
+        for fn in (fused, reference):
+            leaf = x.clone().requires_grad_()
+            y = fn(leaf)
+            y.backward(grad_out)
+            outs.append(y.detach())
+            grads.append(leaf.grad)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+        with torch.no_grad():  # the no-grad path (evaluation) computes the same values
+            assert torch.equal(fused(x), outs[1])
+    if dtype == torch.float64:
+        leaf = x.clone().add_(0.05).requires_grad_()  # away from |·|'s kink
+        assert torch.autograd.gradcheck(lambda t: beta_abs(spatial_shift(t, 1 / 8), 0.5), leaf)
+
+
 def test_spatial_shift_with_no_shifted_group_is_identity():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 4, 7, dtype=torch.float64)

@@ -35,21 +35,26 @@ from lipnext_scale.pretrained import build_model  # noqa: E402
 H100_BF16_DENSE_TFLOPS = 989.0
 
 
-def timed(fn, steps: int, device: torch.device) -> float:
+def timed(fns: list, steps: int, device: torch.device) -> list[float]:
+    """Median seconds of each function, run in turn within every step so that drifts in the machine's
+    speed hit all of them alike (their ratios are what the benchmark reports)."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     for _ in range(3):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -91,8 +96,7 @@ def main() -> None:
         y = F.linear(F.linear(x, block.R), block.M @ block.R.t())
         torch.autograd.backward(y, grad_out)
 
-    t_block = timed(block_step, args.steps, device)
-    t_mm = timed(matmuls_step, args.steps, device)
+    t_block, t_mm = timed([block_step, matmuls_step], args.steps, device)
     flops = 3 * (2 * 2 * n_tokens * width**2 + 2 * width**3)
     peak = args.peak_tflops
     if peak is None:
@@ -117,7 +121,7 @@ def main() -> None:
         def model_step():
             F.cross_entropy(model(images), labels).backward()
 
-        t_model = timed(model_step, args.steps, device)
+        (t_model,) = timed([model_step], args.steps, device)
         model_flops = len(model.blocks) * flops
         print(
             f"model fwd+bwd          {1e3 * t_model:9.3f} ms   {batch / t_model:8.1f} images/s   "

@@ -86,21 +86,41 @@ def spatial_shift(x: torch.Tensor, alpha: float) -> torch.Tensor:
     A permutation of the entries, hence norm-preserving (Theorem 1: the only norm-preserving
     circular convolutions are such shifts).
     """
-    c = x.shape[-1]
-    g = int(round(alpha * c))
+    g = int(round(alpha * x.shape[-1]))
     if g == 0:
         return x
-    h_axis, w_axis = 1, 2
-    return torch.cat(
-        [
-            torch.roll(x[..., 0 * g : 1 * g], shifts=-1, dims=h_axis),  # up
-            torch.roll(x[..., 1 * g : 2 * g], shifts=1, dims=h_axis),  # down
-            torch.roll(x[..., 2 * g : 3 * g], shifts=-1, dims=w_axis),  # left
-            torch.roll(x[..., 3 * g : 4 * g], shifts=1, dims=w_axis),  # right
-            x[..., 4 * g :],
-        ],
-        dim=-1,
-    )
+    return _SpatialShift.apply(x, g)
+
+
+# (channel group, token axis, roll) for up, down, left, right; `torch.roll` convention: out[i] = x[i - roll].
+_SHIFTS = ((0, 1, -1), (1, 1, 1), (2, 2, -1), (3, 2, 1))
+
+
+def _shift_into(out: torch.Tensor, x: torch.Tensor, g: int, direction: int) -> torch.Tensor:
+    """out ← x with channel group i rolled by direction·roll_i along its axis; the rest copied.
+
+    One read and one write per entry, where `torch.roll` of each group and a `cat` would make two.
+    """
+    for group, axis, roll in _SHIFTS:
+        src, dst = x[..., group * g : (group + 1) * g], out[..., group * g : (group + 1) * g]
+        n, r = x.shape[axis], (direction * roll) % x.shape[axis]
+        dst.narrow(axis, r, n - r).copy_(src.narrow(axis, 0, n - r))
+        dst.narrow(axis, 0, r).copy_(src.narrow(axis, n - r, r))
+    out[..., 4 * g :].copy_(x[..., 4 * g :])
+    return out
+
+
+class _SpatialShift(torch.autograd.Function):
+    """The shift as one permutation pass each way; it saves nothing for backward (the inverse roll)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: int) -> torch.Tensor:
+        ctx.g = g
+        return _shift_into(torch.empty_like(x), x, g, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _shift_into(torch.empty_like(grad), grad, ctx.g, -1), None
 
 
 def beta_abs(x: torch.Tensor, beta: float) -> torch.Tensor:
@@ -108,7 +128,31 @@ def beta_abs(x: torch.Tensor, beta: float) -> torch.Tensor:
     k = int(round(beta * x.shape[-1]))
     if k == 0:
         return x
-    return torch.cat([x[..., :k].abs(), x[..., k:]], dim=-1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _BetaAbs.apply(x, k)
+    out = x.clone()
+    out[..., :k].abs_()
+    return out
+
+
+class _BetaAbs(torch.autograd.Function):
+    """β-Abs saving the signs of its first k channels as int8 (what |·|'s gradient, grad·sgn(x), needs)
+    rather than the whole input in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.k = k
+        ctx.save_for_backward(x[..., :k].sgn().to(torch.int8))
+        out = x.clone()
+        out[..., :k].abs_()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (signs,) = ctx.saved_tensors
+        out = grad.clone()
+        out[..., : ctx.k].mul_(signs)
+        return out, None
 
 
 class _SafeL2Norm(torch.autograd.Function):
