@@ -12,16 +12,18 @@ from PIL import Image
 
 from lipnext_scale.data import build_loader, make_digits_shards, read_manifest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "make_shards.py"
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
-def load_tool():
-    loaded = sys.modules.get("make_shards")
-    if loaded is not None and getattr(loaded, "__file__", None) == str(TOOL):
+def load_tool(name: str = "make_shards"):
+    path = TOOLS / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
         return loaded  # one module object per tool: pool workers find functions by module name
-    spec = importlib.util.spec_from_file_location("make_shards", TOOL)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes unpickle its functions by module name
+    # Worker processes unpickle make_shards' functions, and dataclasses look their module up, by name.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -62,19 +64,11 @@ def test_image_folder_to_shards_reencodes_what_dali_cannot_read(tmp_path: Path) 
             unmatched.remove(match[0])
 
 
-def _load_bench_data():
-    spec = importlib.util.spec_from_file_location("bench_data", TOOL.parent / "bench_data.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_bench_data_compares_both_backends_on_digits(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest = make_digits_shards(tmp_path / "digits", image_size=16)["train"]
-    bench = _load_bench_data()
+    bench = load_tool("bench_data")
     threads = torch.get_num_threads()
     try:
         args = [str(manifest), "--batch-size", "32", "--batches", "3", "--warmup", "1", "--threads", "1"]
@@ -91,15 +85,8 @@ def test_bench_data_compares_both_backends_on_digits(
     assert lines[4].startswith("dali/wds: ") and "img/s per core" in lines[4]
 
 
-def _load_sample_photos():
-    spec = importlib.util.spec_from_file_location("sample_photos", TOOL.parent / "sample_photos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sample_photos_are_imagenet_sized_and_reproducible(tmp_path: Path) -> None:
-    photos = _load_sample_photos()
+    photos = load_tool("sample_photos")
     first = photos.write_sample_photos(tmp_path / "a", count=6, classes=2, seed=3, quality=90)
     again = photos.write_sample_photos(tmp_path / "b", count=6, classes=2, seed=3, quality=90)
     other = photos.write_sample_photos(tmp_path / "c", count=6, classes=2, seed=4, quality=90)
@@ -119,11 +106,11 @@ def test_bench_data_stages_split_cpu_time_per_image(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The README's data benchmark, small: sample photos → make_shards folder → bench_data --stages."""
-    _load_sample_photos().main([str(tmp_path / "photos"), "--count", "24", "--classes", "2"])
+    load_tool("sample_photos").main([str(tmp_path / "photos"), "--count", "24", "--classes", "2"])
     load_tool().main(["folder", str(tmp_path / "photos"), str(tmp_path / "shards"), "--prefix", "photos",
                       "--workers", "1"])  # fmt: skip
     manifest = tmp_path / "shards" / "photos.manifest.json"
-    bench = _load_bench_data()
+    bench = load_tool("bench_data")
     threads = torch.get_num_threads()
     try:
         args = [str(manifest), "--batch-size", "8", "--batches", "3", "--warmup", "1", "--threads", "1",
