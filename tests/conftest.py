@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,21 @@ from lipnext_scale.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+TOOLS = REPO / "tools"
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, loaded once and registered under its name: make_shards' pool workers
+    unpickle its functions by module name, and dataclasses look their module up there."""
+    path = TOOLS / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ outcome: --on-bad refuse stops with exit status 2 naming the path and leaves not
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -25,22 +24,10 @@ from PIL import Image, JpegImagePlugin
 
 from lipnext_scale.data import build_loader, read_manifest
 from lipnext_scale.data.shards import MAX_KEY_LENGTH, index_text
+from tests.conftest import TOOLS, load_tool
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 # JPEG q95 4:4:4 vs the source pixels of the strongly textured test images below: measured max 9/255.
 JPEG_TOLERANCE = 12 / 255
-
-
-def load_tool(name: str):
-    path = TOOLS / f"{name}.py"
-    loaded = sys.modules.get(name)
-    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
-        return loaded  # one module object per tool: pool workers find functions by module name
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes unpickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
 
 
 make_shards = load_tool("make_shards")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,21 +9,9 @@ import torch
 from PIL import Image
 
 from lipnext_scale.data import build_loader, make_digits_shards, read_manifest
+from tests.conftest import load_tool
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def load_tool(name: str = "make_shards"):
-    path = TOOLS / f"{name}.py"
-    loaded = sys.modules.get(name)
-    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
-        return loaded  # one module object per tool: pool workers find functions by module name
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    # Worker processes unpickle make_shards' functions, and dataclasses look their module up, by name.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+make_shards = load_tool("make_shards")
 
 
 def test_image_folder_to_shards_reencodes_what_dali_cannot_read(tmp_path: Path) -> None:
@@ -38,7 +24,7 @@ def test_image_folder_to_shards_reencodes_what_dali_cannot_read(tmp_path: Path) 
     Image.new("L", (33, 35), 90).save(src / "dog" / "grey.v2.jpg")
     (src / "dog" / "notes.txt").write_text("not an image")
 
-    load_tool().main(["folder", str(src), str(tmp_path / "out"), "--prefix", "pets", "--workers", "1"])
+    make_shards.main(["folder", str(src), str(tmp_path / "out"), "--prefix", "pets", "--workers", "1"])
 
     manifest = read_manifest(tmp_path / "out" / "pets.manifest.json", verify_checksums=True)
     assert manifest.class_names == ("cat", "dog") and manifest.total_samples == 4
@@ -107,7 +93,7 @@ def test_bench_data_stages_split_cpu_time_per_image(
 ) -> None:
     """The README's data benchmark, small: sample photos → make_shards folder → bench_data --stages."""
     load_tool("sample_photos").main([str(tmp_path / "photos"), "--count", "24", "--classes", "2"])
-    load_tool().main(["folder", str(tmp_path / "photos"), str(tmp_path / "shards"), "--prefix", "photos",
+    make_shards.main(["folder", str(tmp_path / "photos"), str(tmp_path / "shards"), "--prefix", "photos",
                       "--workers", "1"])  # fmt: skip
     manifest = tmp_path / "shards" / "photos.manifest.json"
     bench = load_tool("bench_data")

@@ -4,12 +4,10 @@ forward/backward on CPU; and the 1B/2B fit claims."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,17 +21,9 @@ from lipnext_scale.config import load_recipe
 from lipnext_scale.loss import classification_loss
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
 from lipnext_scale.pretrained import build_model
+from tests.conftest import QUICKSTART, REPO, load_tool
 
-REPO = Path(__file__).resolve().parent.parent
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 GIB = 2**30
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 
@@ -48,7 +38,7 @@ def _rel(planned: float, measured: float) -> float:
 def test_optimizer_and_weight_bytes_match_the_distributed_benchmark():
     """Two real ranks (torchrun, DeepSpeed engine, sharded optimizer); bf16, so masters are separate."""
     overrides = ["train.precision=bf16", "train.micro_batch_size=4", "model.size=L6W64"]
-    measured = _load_tool("bench_distributed").launch(2, str(QUICKSTART), overrides, steps=1)
+    measured = load_tool("bench_distributed").launch(2, str(QUICKSTART), overrides, steps=1)
     planned = plan_memory.plan(load_recipe(QUICKSTART, overrides), world_size=2)
 
     assert measured["dtype"] == "torch.bfloat16" and planned["compute_dtype"] == "bfloat16"

@@ -7,7 +7,6 @@ inside its certified radius — and must find broken points once the radii are d
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,18 +16,11 @@ import torch
 
 from lipnext_scale import certified_radius, load_pretrained
 from lipnext_scale.pretrained import save_pretrained
+from tests.conftest import load_tool
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 certify_tool = load_tool("certify")
