@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lipnext_scale.engine import barrier
+from lipnext_scale.distributed import barrier
 
 MANIFEST = "checkpoint.json"
 LATEST = "latest"

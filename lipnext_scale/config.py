@@ -39,7 +39,10 @@ class ModelConfig:
     num_classes: int = field(default=10, metadata=_range(2))
     alpha: float = field(default=1 / 8, metadata=_range(0, 0.25))
     beta: float = field(default=0.5, metadata=_range(0, 1))
-    checkpoint_every: int = field(default=0, metadata=_range(0))
+    # Activation checkpointing (recompute in backward; not the training checkpoints of run.checkpoint_every):
+    # k recomputes blocks 0, k, 2k, … (1 = every block, 0 = none); "auto" lets the memory planner pick the
+    # least recomputation that fits the GPU (memory_plan.resolve_activation_checkpointing).
+    activation_checkpointing: int | str = field(default=0, metadata={"words": ("auto",), **_range(0)})
     # torch.compile each block's forward (needs a C++ compiler on CPUs, Triton on GPUs).
     compile: bool = False
 
@@ -146,6 +149,8 @@ def _parse_float(value: Any) -> float:
 
 def _coerce(value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
+    if tp == int | str:  # a number or a word (the field's metadata lists the words)
+        return value if isinstance(value, str) else _coerce(value, int)
     if tp is bool:
         if not isinstance(value, bool):
             raise TypeError("true or false")
@@ -173,6 +178,8 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _check_metadata(value: Any, meta: typing.Mapping) -> str | None:
+    if "words" in meta and isinstance(value, str):
+        return None if value in meta["words"] else f"an integer or one of {', '.join(meta['words'])}"
     if "choices" in meta and value not in meta["choices"]:
         return f"one of {', '.join(map(str, meta['choices']))}"
     if "range" in meta:
@@ -184,10 +191,21 @@ def _check_metadata(value: Any, meta: typing.Mapping) -> str | None:
     return None
 
 
+# Old key → new key, for recipes written before a rename.
+_RENAMED = {
+    # Activation checkpointing, renamed so that it cannot be confused with run.checkpoint_every.
+    "model.checkpoint_every": "model.activation_checkpointing",
+}
+
+
 def _build_section(cls: type, raw: dict, section: str, source: str, overridden: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
+        if (new := _RENAMED.get(f"{section}.{key}")) is not None:
+            old = f"{section}.{key}"
+            where = f"{source}, command-line override '{overridden[old]}'" if old in overridden else source
+            raise ConfigError(f"{where}: '{old}' was renamed to '{new}'; use the new name")
         if key not in known:
             raise ConfigError(
                 f"{source}: unknown key '{section}.{key}'; allowed keys in '{section}': {', '.join(known)}"

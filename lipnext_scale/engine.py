@@ -1,5 +1,7 @@
 """DeepSpeed, and only here: process groups, the engine, gradient accumulation, monitors (DESIGN.md §3).
 
+Collectives (barrier, sums, maxima, gathers) are in `distributed.py`, which states where their tensors live.
+
 DeepSpeed runs at ZeRO stage 0 as the engine; the sharded manifold optimizer is plugged in as its optimizer.
 Its own ZeRO stages cut flat slices through matrices (no retraction possible), and its bf16 wrapper would
 keep a full fp32 copy of every weight on every rank, so both stay off: we cast the model to bf16 ourselves.
@@ -96,25 +98,6 @@ def initialize(model: torch.nn.Module, optimizer_factory, config: dict):
 def write_monitor_events(engine, scalars: dict[str, float], step: int) -> None:
     if getattr(engine, "monitor", None) is not None and engine.monitor.enabled:
         engine.monitor.write_events([(f"train/{k}", float(v), step) for k, v in scalars.items()])
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    return values
-
-
-def all_gather_objects(obj) -> list:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def shutdown() -> None:

@@ -19,10 +19,13 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   autograd save, besides parameters (no extra memory):
       X + pos          N·W·b   (for dR of the first matmul)
       Shift output     N·W·b   (for d(M·Rᵀ) of the linear)
-      M·Rᵀ             W²·b    (for d(input) of the linear)
+      M·Rᵀ             W²·b    (for d(input) of the linear; fused form only, N ≥ W)
+      Shift output·R   N·W·b   (for dM of the second token matmul; unfused form only, N < W)
       signs            N·βW    (int8, what β-Abs's gradient needs)
-  (the add and the shift save nothing), so S_block = 2·N·W·b + W²·b + N·round(βW).
-  A checkpointed block (`model.checkpoint_every` = k: blocks i with i % k = 0, each on its own) keeps only
+  (the add and the shift save nothing; `layers.fuse_second_mix` picks the form), so
+  S_block = 2·N·W·b + W²·b + N·round(βW) fused, 3·N·W·b + N·round(βW) unfused.
+  A checkpointed block (`model.activation_checkpointing` = k: blocks i with i % k = 0, each on its own;
+  "auto": `resolve_activation_checkpointing`) keeps only
   its input, N·W·b, and is recomputed in backward (+ S_block while its gradient is taken). Besides the
   blocks: stem patches N·3p²·b, pooled block output N·W·b + norms B·W·b, head and loss
   C·W·(b + 4) + 2·C²·4 + 6·B·C·4 + 4·C·4 (EMMA; cross-entropy: C·W·b + 2·B·C·4), the fp32 input images
@@ -40,7 +43,8 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
   and a buffer of its size is counted; plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1])·N·W·4 alive at once
-  (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4) and the head's C²·8 + 2·B·C·4 — or the float64
+  (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4; unfused, N < W: the N·W·4 intermediate
+  instead) and the head's C²·8 + 2·B·C·4 — or the float64
   bound of one matrix (2·W²·8), whichever is larger.
 
 Peak = weights + gradient buffer + optimizer state
@@ -55,6 +59,7 @@ import torch
 
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
 from lipnext_scale.config import ModelConfig, Recipe
+from lipnext_scale.model.layers import fuse_second_mix
 from lipnext_scale.model.lipnext import SIZES
 from lipnext_scale.optim.manifold import ManifoldOptimizer
 from lipnext_scale.optim.sharded import FlatLayout, assign_owners
@@ -132,14 +137,16 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
     }
 
 
-def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, checkpoint_every: int) -> dict:
-    """Activation bytes of one micro-batch (formulas in the module docstring)."""
+def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, checkpointing: int) -> dict:
+    """Activation bytes of one micro-batch (formulas in the module docstring); `checkpointing` = k."""
     depth, width = SIZES[model.size]
     tokens = (model.image_size // model.patch) ** 2
     n = micro_batch * tokens
     nw = n * width * b
-    block = 2 * nw + width * width * b + n * round(model.beta * width)  # + β-Abs's int8 signs
-    checkpointed = sum(1 for i in range(depth) if checkpoint_every and i % checkpoint_every == 0)
+    fused = fuse_second_mix(n, width)
+    saved = 2 * nw + width * width * b if fused else 3 * nw
+    block = saved + n * round(model.beta * width)  # + β-Abs's int8 signs
+    checkpointed = sum(1 for i in range(depth) if checkpointing and i % checkpointing == 0)
     blocks_kept = checkpointed * nw + (depth - checkpointed) * block
     stem = n * 3 * model.patch**2 * b
     pool = nw + micro_batch * width * b
@@ -151,10 +158,11 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
     kept = stem + blocks_kept + pool + head_loss
     images = micro_batch * 3 * model.image_size**2 * 4
     working = int(BACKWARD_WORKING_SET * nw)
-    recompute = block if checkpoint_every and (depth - 1) % checkpoint_every == 0 else 0
+    recompute = block if checkpointing and (depth - 1) % checkpointing == 0 else 0
     return {
         "micro_batch": micro_batch,
-        "checkpoint_every": checkpoint_every,
+        "activation_checkpointing": checkpointing,
+        "fused": fused,
         "per_block": block,
         "blocks_kept": blocks_kept,
         "kept": kept,
@@ -179,8 +187,10 @@ def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: 
     n = batch * (model.image_size // model.patch) ** 2
     alive = 4 + (round(model.beta * width) > 0)
     c = model.num_classes
-    # + one block's M·Rᵀ, the float64 class-pair distances, logits and margins.
-    head = width * width * 4 + c * c * 8 + 2 * batch * c * 4
+    # + one block's M·Rᵀ (or, unfused, its N·W intermediate), the float64 class-pair distances, logits and
+    # margins.
+    mix = width * width * 4 if fuse_second_mix(n, width) else n * width * 4
+    head = mix + c * c * 8 + 2 * batch * c * 4
     forward = batch * 3 * model.image_size**2 * 4 + int(alive * n * width * 4) + head
     bound = 2 * params["largest_matrix"] * 8
     fp32_copy = params["grad_buffer"] if accumulation > 1 else 0
@@ -191,6 +201,11 @@ def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: 
         "bound": bound,
         "extra": fp32_copy + max(forward, bound),
     }
+
+
+def recomputed_blocks(depth: int, checkpointing: int) -> int:
+    """Blocks recomputed in backward with activation checkpointing k (blocks 0, k, 2k, …; 0 = none)."""
+    return len(range(0, depth, checkpointing)) if checkpointing else 0
 
 
 def peak_bytes(params: dict, activations: dict, step: int) -> int:
@@ -232,16 +247,17 @@ def plan(
     between = max(step, evaluation["extra"])  # phases between forward/backward passes
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
-    ck_now = recipe.model.checkpoint_every
+    asked = recipe.model.activation_checkpointing
     options = []
-    for ck in sorted({*CHECKPOINT_OPTIONS, ck_now}):
+    for ck in sorted({*CHECKPOINT_OPTIONS, *([] if asked == "auto" else [asked])}):
         act = activation_plan(recipe.model, recipe.train.loss, micro, b, ck)
         largest = largest_micro_batch(recipe, params, between, b, ck, usable)
         valid = max((m for m in range(1, largest + 1) if per_rank_batch % m == 0), default=0)
         peak = peak_bytes(params, act, between)
         options.append(
             {
-                "checkpoint_every": ck,
+                "activation_checkpointing": ck,
+                "recomputed_blocks": recomputed_blocks(SIZES[recipe.model.size][0], ck),
                 "activation_peak": act["peak"],
                 "peak": peak,
                 "fits": peak <= usable,
@@ -249,7 +265,12 @@ def plan(
                 "largest_valid_micro_batch": valid,
             }
         )
-    act = activation_plan(recipe.model, recipe.train.loss, micro, b, ck_now)
+    if asked == "auto":  # the least recomputation that fits; if none does, the most memory saved
+        fitting = [o for o in options if o["fits"]] or [min(options, key=lambda o: o["peak"])]
+        chosen = min(fitting, key=lambda o: o["recomputed_blocks"])["activation_checkpointing"]
+    else:
+        chosen = asked
+    act = activation_plan(recipe.model, recipe.train.loss, micro, b, chosen)
     peak = peak_bytes(params, act, between)
     init = params["params"] * 4 + params["grad_buffer"] + max(params["optimizer_per_rank"])
     return {
@@ -261,7 +282,8 @@ def plan(
         "usable": usable,
         "micro_batch": micro,
         "micro_batch_valid": per_rank_batch > 0 and per_rank_batch % micro == 0,
-        "checkpoint_every": ck_now,
+        "activation_checkpointing": chosen,
+        "activation_checkpointing_asked": asked,
         **{k: v for k, v in params.items()},
         "activations": act,
         "step_transient": step,
@@ -271,3 +293,20 @@ def plan(
         "fits": peak <= usable,
         "options": options,
     }
+
+
+def resolve_activation_checkpointing(
+    recipe: Recipe,
+    world_size: int,
+    gpu_memory_gib: float = 80.0,
+    micro_batch: int = 0,
+    dtype: torch.dtype | None = None,
+) -> int:
+    """`model.activation_checkpointing` as an interval k: the recipe's number, or for "auto" the option
+    (0, 4, 2, 1) that recomputes the fewest blocks while the planned peak fits `gpu_memory_gib`."""
+    asked = recipe.model.activation_checkpointing
+    if asked != "auto":
+        return asked
+    return plan(recipe, world_size, gpu_memory_gib, micro_batch=micro_batch, dtype=dtype)[
+        "activation_checkpointing"
+    ]

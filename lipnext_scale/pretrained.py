@@ -16,8 +16,14 @@ from lipnext_scale.model.lipnext import LipNeXt, build_lipnext
 RECIPE_KEY = "recipe"
 
 
-def build_model(recipe: Recipe) -> LipNeXt:
+def build_model(recipe: Recipe, activation_checkpointing: int | None = None) -> LipNeXt:
+    """The recipe's model. `activation_checkpointing` overrides the recipe's; its "auto" needs the run's
+    memory budget (the trainer resolves it with `memory_plan.resolve_activation_checkpointing`) and
+    builds without recomputation here."""
     m = recipe.model
+    if activation_checkpointing is None:
+        ac = m.activation_checkpointing
+        activation_checkpointing = 0 if ac == "auto" else ac
     return build_lipnext(
         m.size,
         num_classes=m.num_classes,
@@ -25,7 +31,7 @@ def build_model(recipe: Recipe) -> LipNeXt:
         patch=m.patch,
         alpha=m.alpha,
         beta=m.beta,
-        checkpoint_every=m.checkpoint_every,
+        activation_checkpointing=activation_checkpointing,
         compile_blocks=m.compile,
     )
 

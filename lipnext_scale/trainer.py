@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lipnext_scale import distributed
 from lipnext_scale import engine as ds
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
 from lipnext_scale.certify import certification_counts, format_table, head_pair_distances, summarize
@@ -25,13 +26,17 @@ from lipnext_scale.checkpoint import (
 )
 from lipnext_scale.config import Recipe
 from lipnext_scale.data import build_loader, make_digits_shards
+from lipnext_scale.flops import flops_per_image, peak_flops
 from lipnext_scale.loss import classification_loss, head_pair_distances_from_unit_rows, training_eps
 from lipnext_scale.memory_plan import GIB, plan
-from lipnext_scale.model.layers import orthogonality_error
+from lipnext_scale.model.layers import max_orthogonality_defect
 from lipnext_scale.optim import lr_schedule
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
 from lipnext_scale.pretrained import build_model, save_pretrained
 from lipnext_scale.tracking import WandbLogger, run_info
+
+# The running window of training statistics, one device tensor in this order (Trainer._window).
+WINDOW = ("loss_sum", "correct", "certified", "images")
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -93,7 +98,7 @@ def data_manifests(recipe: Recipe, is_main: bool) -> tuple[Path, Path]:
     # different image sizes can share one copy without rewriting it under each other.
     if is_main:  # one writer; the others reuse the finished shards
         make_digits_shards(root)
-    ds.barrier()
+    distributed.barrier()
     manifests = make_digits_shards(root)
     return manifests["train"], manifests["test"]
 
@@ -130,7 +135,15 @@ class Trainer:
             val_manifest, batch_size=recipe.certify.batch_size, train=False, augment=d.augment, **common
         )
 
-        model = build_model(recipe).to(self.device)
+        self.compute_dtype = resolve_precision(t.precision, self.device)
+        # The plan is checked against this GPU's memory (80 GiB elsewhere); it also resolves activation
+        # checkpointing "auto" to the least recomputation that fits.
+        cuda = self.device.type == "cuda"
+        gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / GIB if cuda else 80.0
+        self.memory_plan = plan(
+            recipe, self.dist.world_size, gpu_memory_gib=gpu_gib, micro_batch=micro, dtype=self.compute_dtype
+        )
+        model = self._build_model(self.memory_plan["activation_checkpointing"])
         self.num_params = sum(p.numel() for p in model.parameters())
 
         def make_optimizer(_params):
@@ -142,10 +155,10 @@ class Trainer:
         self.engine, self.optimizer = ds.initialize(model, make_optimizer, config)
         self.model = model
         # Cast after the optimizer has taken its fp32 masters from the fp32 weights.
-        self.compute_dtype = resolve_precision(t.precision, self.device)
         for p in self.model.parameters():
             p.data = p.data.to(self.compute_dtype)
-        self.memory_plan = plan(recipe, self.dist.world_size, micro_batch=micro, dtype=self.compute_dtype)
+        self.flops_per_image = flops_per_image(recipe.model, micro)
+        self.peak_flops = peak_flops(self.device, self.compute_dtype)
 
         self.steps_per_epoch = len(self.train_loader) // self.accumulation
         if self.steps_per_epoch == 0:
@@ -157,7 +170,9 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self._saved_step = -1
-        self._window = dict.fromkeys(("loss", "correct", "certified", "count"), 0.0)
+        # Running sums since the last log step, on the device: loss·n, correct, certified, images. Read on the
+        # host only in step_stats (no synchronisation per micro-batch).
+        self._window = torch.zeros(len(WINDOW), dtype=torch.float64, device=self.device)
         resuming = recipe.run.resume and (self.ckpt_dir / "latest").exists()
         # A resumed run continues its log; a fresh one must not inherit an old run's records.
         self.metrics_file = (
@@ -173,6 +188,18 @@ class Trainer:
                 self.wandb = WandbLogger(self.out, recipe.run.wandb_project, self.out.name, info)
         self._log_optimizer_bytes()
         self._log_memory_plan()
+        self._window_since = time.perf_counter()
+
+    def _build_model(self, activation_checkpointing: int):
+        """The model on this rank's device. Rank 0 initialises it there (its QRs run on the GPU, not the
+        host); the other ranks only allocate: `deepspeed.initialize` broadcasts every parameter of rank 0's
+        model (`DeepSpeedEngine._broadcast_model`) before the optimizer takes its masters."""
+        if self.dist.rank == 0:
+            with torch.device(self.device):
+                return build_model(self.recipe, activation_checkpointing)
+        with torch.device("meta"):
+            model = build_model(self.recipe, activation_checkpointing)
+        return model.to_empty(device=self.device)
 
     # --- one micro-batch; every `accumulation` of them make an optimizer step ---
 
@@ -187,10 +214,11 @@ class Trainer:
         self.optimizer.note_loss(loss)
         self.engine.backward(loss)
         n = len(labels)
-        self._window["loss"] += loss.item() * n
-        self._window["correct"] += (logits.argmax(1) == labels).sum().item()
-        self._window["certified"] += self._certified_at(logits.detach(), labels, head.detach(), eps)
-        self._window["count"] += n
+        with torch.no_grad():  # device ops only: the host reads the window at log steps
+            self._window[0] += loss.detach().double() * n
+            self._window[1] += (logits.argmax(1) == labels).sum()
+            self._window[2] += self._certified_at(logits.detach(), labels, head.detach(), eps)
+            self._window[3] += n
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
             self.optimizer.set_lr_factor(
@@ -208,33 +236,48 @@ class Trainer:
         return True
 
     def step_stats(self, eps: float) -> dict:
-        """Global (all-rank) loss and accuracy since the last call, plus optimizer scalars."""
-        keys = ("loss", "correct", "certified", "count")
-        w = ds.all_reduce_sum(torch.tensor([self._window[k] for k in keys], dtype=torch.float64))
-        self._window = dict.fromkeys(("loss", "correct", "certified", "count"), 0.0)
-        return {
+        """Global (all-rank) loss and accuracy since the last call, plus optimizer scalars, model FLOP/s and,
+        on GPUs with a known peak, MFU. Collective: one sum (the window) and one max (orthogonality error,
+        peak memory), both on the communication device; the host reads them here and only here."""
+        comm = distributed.comm_device()
+        totals = distributed.all_reduce_sum(self._window.to(comm)).tolist()
+        self._window.zero_()
+        maxima = torch.stack([self._orthogonality_defect().to(comm), self._peak_memory_gib_tensor(comm)])
+        orthogonality, peak_memory = distributed.all_reduce_max(maxima).tolist()
+        loss_sum, correct, certified, count = totals
+        now = time.perf_counter()
+        flops_per_s = count * self.flops_per_image / max(now - self._window_since, 1e-9)
+        self._window_since = now
+        stats = {
             "step": self.step,
             "epoch": self.epoch + 1,
-            "loss": (w[0] / w[3]).item(),
-            "acc": (w[1] / w[3]).item(),
-            "train_cert_acc": (w[2] / w[3]).item(),
+            "loss": loss_sum / count,
+            "acc": correct / count,
+            "train_cert_acc": certified / count,
             "grad_norm": self.optimizer._global_grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "eps": eps,
             "skipped_steps": self.optimizer.skipped_steps,
-            "orthogonality_error": self.orthogonality_error(),
-            "peak_memory_gib": max(ds.all_gather_objects(peak_memory_gib(self.device))),
+            "orthogonality_error": orthogonality,
+            "peak_memory_gib": peak_memory,
             "planned_peak_gib": self.memory_plan["peak"] / GIB,
+            "model_flops_per_s": flops_per_s,  # all ranks together; definition: lipnext_scale/flops.py
         }
+        if self.peak_flops:
+            stats["mfu"] = flops_per_s / (self.dist.world_size * self.peak_flops)
+        return stats
 
     @staticmethod
-    def _certified_at(logits: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, eps: float) -> float:
-        """Training-batch points correct with margin radius ≥ eps, taking the backbone's bound as 1 and the
-        compute-dtype head: a progress signal, not a certificate (evaluation certifies with fp32 weights)."""
+    def _certified_at(
+        logits: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """How many training-batch points are correct with margin radius ≥ eps (a device scalar), taking the
+        backbone's bound as 1 and the compute-dtype head: a progress signal, not a certificate (evaluation
+        certifies with fp32 weights)."""
         distances = head_pair_distances_from_unit_rows(head)[labels]
         margins = logits.gather(1, labels[:, None]) - logits
         radius = (margins / distances).scatter(1, labels[:, None], float("inf")).amin(1)
-        return (radius >= eps).sum().item()
+        return (radius >= eps).sum()
 
     # --- evaluation and outputs ---
 
@@ -245,21 +288,34 @@ class Trainer:
     def fp32_model(self, state: dict[str, torch.Tensor]):
         """A model on fp32 weights `state` (views, no copy); for evaluation only: no compile, no
         activation checkpointing."""
-        eager = dataclasses.replace(self.recipe.model, compile=False, checkpoint_every=0)
+        eager = dataclasses.replace(self.recipe.model, compile=False, activation_checkpointing=0)
         with torch.device("meta"):
             model = build_model(dataclasses.replace(self.recipe, model=eager))
         model.load_state_dict(state, assign=True)
         return model
 
-    def orthogonality_error(self) -> float:
-        """max |XᵀX − I| over the fp32 masters of every rank (each rank measures what it owns)."""
+    def _orthogonality_defect(self) -> torch.Tensor:
+        """max |XᵀX − I| over the fp32 masters this rank owns, as a float64 scalar on its device: each owner
+        measures its own matrices there (2·W³ float64 each), so only the scalar travels."""
         owned = [
             s["master"]
             for p, s in self.optimizer.state.items()
             if self.optimizer.kind_of[id(p)] != "euclidean"
         ]
-        errors = ds.all_gather_objects(orthogonality_error(owned))
-        return max(errors)
+        return max_orthogonality_defect(owned, self.device)
+
+    def orthogonality_error(self) -> float:
+        """max |XᵀX − I| over the fp32 masters of every rank (collective: one all-reduce MAX)."""
+        defect = self._orthogonality_defect().to(distributed.comm_device())
+        return distributed.all_reduce_max(defect).item()
+
+    def _peak_memory_gib_tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(peak_memory_gib(self.device), dtype=torch.float64, device=device)
+
+    def peak_memory_gib_all_ranks(self) -> float:
+        """The largest rank's peak memory (collective: one all-reduce MAX)."""
+        peak = self._peak_memory_gib_tensor(distributed.comm_device())
+        return distributed.all_reduce_max(peak).item()
 
     def evaluate(self) -> dict:
         """Clean accuracy and CRA on the validation split, certified with the fp32 masters (collective).
@@ -273,9 +329,11 @@ class Trainer:
             distances = head_pair_distances(model)
             counts = certification_counts(model, self.val_loader, eps_list, lipschitz, distances)
             del model
-        result = summarize(ds.all_reduce_sum(counts), eps_list, lipschitz)
+        counts = distributed.all_reduce_sum(counts.to(distributed.comm_device())).cpu()
+        result = summarize(counts, eps_list, lipschitz)
         result["orthogonality_error"] = self.orthogonality_error()
         result["num_params"] = self.num_params
+        self._window_since = time.perf_counter()  # evaluation time is not training FLOP/s
         return result
 
     def log(self, record: dict) -> None:
@@ -296,7 +354,8 @@ class Trainer:
             f"owns {owned} of {len(self.optimizer.owners)} parameters",
             flush=True,
         )
-        per_rank = ds.all_gather_objects(mine)
+        mine_t = torch.tensor(mine, dtype=torch.int64, device=distributed.comm_device())
+        per_rank = distributed.all_gather(mine_t).tolist()
         self.log({"step": self.step, "optimizer_bytes_per_rank": per_rank})
 
     def _log_memory_plan(self) -> None:
@@ -311,7 +370,7 @@ class Trainer:
             "step_transient_gib": p["step_transient"] / GIB,
             "evaluation_gib": p["evaluation"]["extra"] / GIB,
             "micro_batch": p["micro_batch"],
-            "checkpoint_every": p["checkpoint_every"],
+            "activation_checkpointing": p["activation_checkpointing"],
             "compute_dtype": p["compute_dtype"],
             "measured_as": peak_memory_meaning(self.device),
         }
@@ -421,7 +480,7 @@ class Trainer:
         bar.close()
         if result is None:  # resumed after the last step: nothing left to train
             result = self.evaluate()
-        measured = max(ds.all_gather_objects(peak_memory_gib(self.device)))
+        measured = self.peak_memory_gib_all_ranks()
         planned = self.memory_plan["peak"] / GIB
         if self.is_main:
             print(

@@ -43,7 +43,7 @@ def reference():
 
 @pytest.mark.parametrize("every", [1, 2])
 def test_checkpointing_is_bit_identical(reference, every):
-    model = build(f"model.checkpoint_every={every}", state=reference["state"])
+    model = build(f"model.activation_checkpointing={every}", state=reference["state"])
     calls = []
     for block in model.blocks:
         block.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -61,7 +61,7 @@ def test_checkpointing_is_bit_identical(reference, every):
 @pytest.mark.parametrize("every", [0, 1])
 def test_compiled_blocks_match_within_1e6(reference, every):
     frames = counters["frames"]["ok"]
-    model = build("model.compile=true", f"model.checkpoint_every={every}", state=reference["state"])
+    model = build("model.compile=true", f"model.activation_checkpointing={every}", state=reference["state"])
     loss, grads = loss_and_grads(model, reference["images"], reference["labels"])
 
     assert all(block._compiled_call_impl is not None for block in model.blocks)

@@ -291,7 +291,7 @@ def test_imagenet_recipe_runs_at_tiny_width_on_two_ranks(tmp_path, digits_root, 
         f"run.output_dir={tmp_path}",
     )
     info = json.loads((tmp_path / "run_info.json").read_text())["recipe"]
-    assert info["model"]["checkpoint_every"] == 1 and info["train"]["precision"] == "bf16"
+    assert info["model"]["activation_checkpointing"] == "auto" and info["train"]["precision"] == "bf16"
     assert info["model"]["image_size"] == 224 and info["data"]["augment"] == "randaugment"
     losses = step_losses(tmp_path)
     assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())

@@ -5,13 +5,16 @@
 
 Measured side by side in one run, forward + backward, median over steps after warm-up:
 
-- the block Z = β-Abs(F.linear(Shift((X + p)·Rᵀ), M·Rᵀ, b)) at the recipe's width, token grid and precision;
-- the same two token matmuls alone (X·Rᵀ, then ·(M·Rᵀ)ᵀ, with the W×W product), i.e. the block without shift,
-  β-Abs, positional term and bias: the share of the block's time beyond them is the non-matmul share;
+- the block Z = β-Abs(M·Rᵀ·Shift((X + p)·Rᵀ) + b) at the recipe's width, token grid and precision, in the
+  form the model picks for N tokens (fused M·Rᵀ when N ≥ W, else two token matmuls: layers.fuse_second_mix);
+- the same token matmuls alone (X·Rᵀ, then ·(M·Rᵀ)ᵀ with the W×W product, or ·R then ·Mᵀ), i.e. the block
+  without shift, β-Abs, positional term and bias: the share of the block's time beyond them is the
+  non-matmul share;
 - the whole model (stem, every block, pooling, head): images/s.
 
-FLOPs counted: per block forward 2·(2·N·W²) for the token matmuls + 2·W³ for M·Rᵀ; backward twice the forward.
-MFU = achieved FLOP/s over `--peak-tflops` (default: 989 for an H100's dense bf16, 0 = not reported).
+FLOPs: the model's definition in lipnext_scale/flops.py (block: `block_flops`, model: `model_flops`).
+MFU = achieved FLOP/s over `--peak-tflops` (default: flops.PEAK_BF16_FLOPS for a known GPU in bf16;
+0 = not reported).
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lipnext_scale.build import resolve_precision  # noqa: E402
 from lipnext_scale.config import load_recipe  # noqa: E402
-from lipnext_scale.model.layers import LipNeXtBlock, random_orthogonal  # noqa: E402
+from lipnext_scale.flops import block_flops, model_flops, peak_flops  # noqa: E402
+from lipnext_scale.model.layers import LipNeXtBlock, fuse_second_mix, random_orthogonal  # noqa: E402
 from lipnext_scale.pretrained import build_model  # noqa: E402
-
-H100_BF16_DENSE_TFLOPS = 989.0
 
 
 def timed(fns: list, steps: int, device: torch.device) -> list[float]:
@@ -92,21 +94,23 @@ def main() -> None:
     def block_step():
         torch.autograd.backward(block(x), grad_out)
 
+    fused = fuse_second_mix(n_tokens, width)
+
     def matmuls_step():
-        y = F.linear(F.linear(x, block.R), block.M @ block.R.t())
+        mixed = F.linear(x, block.R)
+        y = F.linear(mixed, block.M @ block.R.t()) if fused else F.linear(mixed @ block.R, block.M)
         torch.autograd.backward(y, grad_out)
 
     t_block, t_mm = timed([block_step, matmuls_step], args.steps, device)
-    flops = 3 * (2 * 2 * n_tokens * width**2 + 2 * width**3)
+    flops = block_flops(n_tokens, width).total
     peak = args.peak_tflops
     if peak is None:
-        peak = (
-            H100_BF16_DENSE_TFLOPS
-            if device.type == "cuda" and "H100" in torch.cuda.get_device_name()
-            else 0.0
-        )
+        peak = (peak_flops(device, dtype) or 0.0) / 1e12
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{m.size}  width {width}  tokens {tokens}x{tokens}  micro-batch {batch}  {dtype}  on {name}")
+    form = "fused M·Rᵀ" if fused else "unfused (two token matmuls)"
+    print(
+        f"{m.size}  width {width}  tokens {tokens}x{tokens}  micro-batch {batch}  {dtype}  on {name}  {form}"
+    )
     print(f"block fwd+bwd          {1e3 * t_block:9.3f} ms   {flops / t_block / 1e12:8.2f} TFLOP/s")
     print(f"two matmuls fwd+bwd    {1e3 * t_mm:9.3f} ms   {flops / t_mm / 1e12:8.2f} TFLOP/s")
     print(f"non-matmul share       {max(0.0, 1 - t_mm / t_block):9.1%}")
@@ -122,11 +126,11 @@ def main() -> None:
             F.cross_entropy(model(images), labels).backward()
 
         (t_model,) = timed([model_step], args.steps, device)
-        model_flops = len(model.blocks) * flops
+        total = model_flops(m, batch).total
         print(
             f"model fwd+bwd          {1e3 * t_model:9.3f} ms   {batch / t_model:8.1f} images/s   "
-            f"{model_flops / t_model / 1e12:.2f} TFLOP/s in blocks"
-            + (f"   MFU {model_flops / t_model / 1e12 / peak:.1%}" if peak else "")
+            f"{total / t_model / 1e12:.2f} TFLOP/s"
+            + (f"   MFU {total / t_model / 1e12 / peak:.1%}" if peak else "")
         )
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 def worker(recipe_path: str, overrides: list[str], steps: int, result_file: Path) -> None:
     import torch
 
+    from lipnext_scale import distributed
     from lipnext_scale import engine as ds
     from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
     from lipnext_scale.config import load_recipe
@@ -60,7 +61,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int, result_file: Path
     def sync():
         if info.device.type == "cuda":
             torch.cuda.synchronize()
-        ds.barrier()
+        distributed.barrier()
 
     fwd_bwd, opt_step = [], []
     for _ in range(steps + 1):
@@ -77,8 +78,11 @@ def worker(recipe_path: str, overrides: list[str], steps: int, result_file: Path
 
     n, layout = info.world_size, optimizer.layout
     weight_bytes = torch.tensor([], dtype=dtype).element_size()
-    per_rank = ds.all_gather_objects(optimizer.optimizer_bytes())
-    largest_state = max(ds.all_gather_objects(max(map(optimizer.state_bytes, optimizer.state), default=0)))
+    comm = distributed.comm_device()
+    mine = torch.tensor(optimizer.optimizer_bytes(), dtype=torch.int64, device=comm)
+    per_rank = distributed.all_gather(mine).tolist()
+    largest = torch.tensor(max(map(optimizer.state_bytes, optimizer.state), default=0), device=comm)
+    largest_state = distributed.all_reduce_max(largest).item()
     if info.is_main:
         result = {
             "world_size": n,

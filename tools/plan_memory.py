@@ -48,7 +48,9 @@ def format_plan(p: dict, title: str = "") -> str:
         f"GPU {p['gpu_memory_gib']:g} GiB - {p['reserve']:.0%} reserve = {p['usable'] / GIB:.1f} GiB usable",
         f"micro-batch {p['micro_batch']} per rank"
         + ("" if p["micro_batch_valid"] else " (does NOT divide data.batch_size / ranks)")
-        + f", model.checkpoint_every {p['checkpoint_every']}",
+        + f", model.activation_checkpointing {p['activation_checkpointing']}"
+        + (" (auto: least recomputation that fits)" if p["activation_checkpointing_asked"] == "auto" else "")
+        + f", second mix {'fused (M·Rᵀ formed)' if act['fused'] else 'unfused (two token matmuls)'}",
         "",
         f"  {'per rank':<62}{'GiB':>8}",
         row(f"weights ({b}, every rank)", p["weights"]),
@@ -70,12 +72,13 @@ def format_plan(p: dict, title: str = "") -> str:
         row("PEAK", p["peak"], f"   {verdict} in {p['usable'] / GIB:.1f} usable"),
         row("(start-up peak: fp32 weights + buffer + state, before the cast)", p["init_peak"]),
         "",
-        f"checkpoint_every | act. peak GiB | peak GiB @ micro {p['micro_batch']:<4} | fits | "
+        f"act. checkpointing | act. peak GiB | peak GiB @ micro {p['micro_batch']:<4} | fits | "
         "largest micro-batch | largest dividing batch/ranks",
     ]
     for o in p["options"]:
         lines.append(
-            f"{o['checkpoint_every']:16d} | {o['activation_peak'] / GIB:13.2f} | {o['peak'] / GIB:21.2f} | "
+            f"{o['activation_checkpointing']:18d} | {o['activation_peak'] / GIB:13.2f} | "
+            f"{o['peak'] / GIB:21.2f} | "
             f"{'yes' if o['fits'] else 'NO':>4} | {o['largest_micro_batch']:19d} | "
             f"{o['largest_valid_micro_batch']:28d}"
         )

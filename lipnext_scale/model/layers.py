@@ -16,38 +16,62 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def random_orthogonal(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A (rows, cols) matrix with orthonormal columns (rows >= cols), Haar-distributed, in float32."""
+def random_orthogonal(
+    rows: int,
+    cols: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A (rows, cols) matrix with orthonormal columns (rows >= cols), Haar-distributed, in float32, made
+    on `device` (default: the generator's device, else the CPU): on a GPU the float64 QR runs there."""
     if rows < cols:
         raise ValueError(f"random_orthogonal needs rows >= cols, got {rows}x{cols}")
-    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    gaussian = torch.randn(rows, cols, dtype=torch.float64, generator=generator, device=device)
+    q, r = torch.linalg.qr(gaussian)
     # Multiplying by sign(diag(r)) makes the distribution Haar rather than QR-biased.
     return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float()
 
 
 def gram_defect(matrix: torch.Tensor) -> torch.Tensor:
-    """XᵀX − I in float64 for a tall X: zero exactly when X has orthonormal columns."""
-    x = matrix.detach().to(device="cpu", dtype=torch.float64)
+    """XᵀX − I in float64 for a tall X, on X's own device: zero exactly when X has orthonormal columns.
+
+    2·n·p² float64 operations; on a GPU they stay there (fp64 tensor cores), never on the host."""
+    x = matrix.detach().to(torch.float64)
     gram = x.t() @ x
     gram.diagonal().sub_(1.0)
     return gram
 
 
+def max_orthogonality_defect(matrices, device: torch.device | str = "cpu") -> torch.Tensor:
+    """max |XᵀX − I| over the given tall matrices as a float64 scalar tensor on `device` (0 for none).
+
+    Each defect is computed on its matrix's device and only the scalar moves: no host synchronisation."""
+    out = torch.zeros((), dtype=torch.float64, device=device)
+    for x in matrices:
+        out = torch.maximum(out, gram_defect(x).abs().amax().to(device))
+    return out
+
+
 def orthogonality_error(matrices) -> float:
-    """max |XᵀX − I| over the given tall matrices."""
-    return max((gram_defect(x).abs().max().item() for x in matrices), default=0.0)
+    """max |XᵀX − I| over the given tall matrices (one host read)."""
+    matrices = list(matrices)
+    device = matrices[0].device if matrices else "cpu"
+    return max_orthogonality_defect(matrices, device).item()
 
 
 def init_orthogonal_(module: nn.Module) -> None:
     """Fill each matrix in `module.orthogonal_names` with a random (semi-)orthogonal one.
 
-    Meta tensors are skipped, so a 2B model builds on the meta device without 64 large QR factorisations.
+    The QR runs on the parameter's device (on a GPU, not on the host). Meta tensors are skipped, so a 2B
+    model builds on the meta device without 64 large QR factorisations.
     """
     for name in module.orthogonal_names:
         param = getattr(module, name)
         if not param.is_meta:
             with torch.no_grad():
-                param.copy_(random_orthogonal(*param.shape))
+                param.copy_(random_orthogonal(*param.shape, device=param.device))
 
 
 class PatchEmbedding(nn.Module):
@@ -176,6 +200,22 @@ def l2_spatial_pool(x: torch.Tensor) -> torch.Tensor:
     return _SafeL2Norm.apply(x)
 
 
+def fuse_second_mix(tokens: int, width: int) -> bool:
+    """Whether a block applies M·Rᵀ to its N = `tokens` tokens as one product P = M·Rᵀ (fused) or as two
+    token matmuls, ·R then ·Mᵀ (unfused). Both compute the same function; the cheaper one is chosen.
+
+    FLOPs (multiply-adds × 2) that differ between the two, per block:
+      fused:   forming P costs 2·W³ forward and 4·W³ backward (dM = dP·R and dR = dPᵀ·M);
+      unfused: the extra token matmul costs 2·N·W² forward and 4·N·W² backward (its input and weight
+               gradients), while dM and dR come out of the token matmuls themselves.
+    So fusing pays when 6·W³ ≤ 6·N·W², i.e. N ≥ W (the same rule holds for a forward alone, 2·W³ vs 2·N·W²).
+    Memory: fused saves P (W² values) for backward, unfused saves the intermediate N·W values instead —
+    `memory_plan.activation_plan` counts the same rule. Decided from the input's shape at every forward,
+    so one model serves any micro-batch, and a recomputed (checkpointed) block takes the same branch.
+    """
+    return tokens >= width
+
+
 class LipNeXtBlock(nn.Module):
     """Z = β-Abs(M · Rᵀ · Shift(R · (X + p)) + b) with R, M ∈ O(W)."""
 
@@ -191,11 +231,12 @@ class LipNeXtBlock(nn.Module):
         self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Row-vector convention: applying R to a token is `token @ Rᵀ`. M·Rᵀ is one matrix, so the block
-        # costs two token matmuls; the W³ product is small next to them at training batch sizes.
+        # Row-vector convention: applying R to a token is `token @ Rᵀ`.
         mixed = (x + self.pos) @ self.R.t()
         shifted = spatial_shift(mixed, self.alpha)
-        return beta_abs(F.linear(shifted, self.M @ self.R.t(), self.bias), self.beta)
+        if fuse_second_mix(shifted.numel() // shifted.shape[-1], shifted.shape[-1]):
+            return beta_abs(F.linear(shifted, self.M @ self.R.t(), self.bias), self.beta)
+        return beta_abs(F.linear(shifted @ self.R, self.M, self.bias), self.beta)
 
 
 class LLNHead(nn.Module):

@@ -53,7 +53,7 @@ class LipNeXt(nn.Module):
         alpha: float = 1 / 8,
         beta: float = 0.5,
         in_chans: int = 3,
-        checkpoint_every: int = 0,
+        activation_checkpointing: int = 0,
         compile_blocks: bool = False,
     ):
         super().__init__()
@@ -61,7 +61,8 @@ class LipNeXt(nn.Module):
             raise ValueError(f"patch {patch} does not divide image size {image_size}")
         tokens = image_size // patch
         self.image_size = image_size
-        self.checkpoint_every = checkpoint_every
+        # Blocks 0, k, 2k, … keep only their input and are recomputed in backward (0 = none).
+        self.activation_checkpointing = activation_checkpointing
         self.embed = PatchEmbedding(patch, width, in_chans)
         self.blocks = nn.ModuleList(LipNeXtBlock(width, (tokens, tokens), alpha, beta) for _ in range(depth))
         self.head = LLNHead(width, num_classes)
@@ -81,7 +82,8 @@ class LipNeXt(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed((images - 0.5).to(self.embed.weight.dtype))
         for i, block in enumerate(self.blocks):
-            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
+            k = self.activation_checkpointing
+            if self.training and k and i % k == 0:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

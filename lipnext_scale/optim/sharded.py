@@ -5,12 +5,15 @@ its fp32 master, Adam moments and Lookahead state. Per optimizer step:
 
 1. gradients, accumulated in fp32 across micro-batches in a flat buffer laid out owner by owner, are
    reduce-scattered so each rank receives the summed gradients of what it owns;
-2. the global gradient norm (for clipping, and to detect non-finite steps) is one all-reduce of a scalar;
+2. the global gradient norm (for clipping) and the count of non-finite losses (to skip the step) are one
+   all-reduce of two numbers, read on the host once per optimizer step;
 3. each owner updates its masters (a retraction needs the whole matrix, which is why ownership is per
    matrix and not per flat slice as in ZeRO);
 4. the updated weights, in the compute dtype, are all-gathered into every rank's model.
 
-With one process (torch.distributed not initialised) the same code runs without communication.
+With one process (torch.distributed not initialised) the same code runs without communication. Every
+collective goes through `lipnext_scale.distributed`, on its communication device (the device of the
+model's weights and of the gradient buffer).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from lipnext_scale import distributed
 from lipnext_scale.optim.manifold import ManifoldHyper, ManifoldOptimizer
 
 
@@ -64,17 +67,6 @@ class FlatLayout:
         return self.segment * self.world_size
 
 
-# torch 2.13 renamed the flat-tensor collectives; older versions only have the *_tensor names.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class ShardedManifoldOptimizer(ManifoldOptimizer):
     """`ManifoldOptimizer` whose state is partitioned by whole parameters across the default process group.
 
@@ -88,7 +80,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         hyper: ManifoldHyper,
         grad_clip: float = 0.0,
     ):
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         sizes = {name: p.numel() for name, p, _ in named_params}
         self.owners = assign_owners(sizes, self.world_size)
         owned = {name for name, rank in self.owners.items() if rank == self.rank}
@@ -100,7 +92,9 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         )
         device = named_params[0][1].device
         self.grad_buffer = torch.zeros(self.layout.total, dtype=torch.float32, device=device)
-        self.loss_finite = True
+        # Non-finite micro-batch losses since the last step, counted on the device: no host sync per
+        # micro-batch; the count travels with the gradient norm's all-reduce.
+        self._nonfinite_losses = torch.zeros((), dtype=torch.float64, device=device)
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._global_grad_norm = 0.0
@@ -122,8 +116,8 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         return hook
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        """Record whether a micro-batch's loss was finite; a non-finite one makes the whole step skip."""
-        self.loss_finite = self.loss_finite and bool(torch.isfinite(loss.detach()))
+        """Count a non-finite micro-batch loss (on the device); any one makes the whole step skip."""
+        self._nonfinite_losses.add_(torch.isfinite(loss.detach()).logical_not().sum())
 
     def _my_segment(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.rank * self.layout.segment : (self.rank + 1) * self.layout.segment]
@@ -133,16 +127,17 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         if self.world_size == 1:
             return self.grad_buffer
         mine = torch.empty(self.layout.segment, dtype=torch.float32, device=self.grad_buffer.device)
-        _reduce_scatter(mine, self.grad_buffer)
+        distributed.reduce_scatter_flat(mine, self.grad_buffer)
         return mine.div_(self.world_size)
 
     def _global_norm_and_finite(self, mine: torch.Tensor) -> tuple[float, bool]:
-        stats = torch.stack([mine.double().square().sum(), torch.tensor(0.0 if self.loss_finite else 1.0)])
-        stats = stats.to(mine.device)
-        if self.world_size > 1:
-            dist.all_reduce(stats)
-        norm = math.sqrt(stats[0].item()) if math.isfinite(stats[0].item()) else math.inf
-        return norm, math.isfinite(norm) and stats[1].item() == 0
+        """(global gradient norm, whether the step is finite): one all-reduce of [Σ g², non-finite losses],
+        both formed on the buffer's device, and one host read per optimizer step."""
+        stats = torch.stack([mine.double().square().sum(), self._nonfinite_losses])
+        squares, nonfinite = distributed.all_reduce_sum(stats).tolist()
+        self._nonfinite_losses.zero_()
+        norm = math.sqrt(squares) if math.isfinite(squares) else math.inf
+        return norm, math.isfinite(norm) and nonfinite == 0
 
     # --- the step ---
 
@@ -153,7 +148,6 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         mine = self._reduce_gradients()
         norm, finite = self._global_norm_and_finite(mine)
         self._global_grad_norm = norm
-        self.loss_finite = True
         self.overflow = not finite
         if finite:
             self.consecutive_skips = 0
@@ -204,7 +198,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
             offset = self.layout.offsets[state["name"]] - base
             mine[offset : offset + param.numel()].copy_(state["master"].reshape(-1))
         if self.world_size > 1:
-            _all_gather(full, mine.clone())
+            distributed.all_gather_flat(full, mine.clone())
         return full
 
     def gather_fp32_state(self) -> dict[str, torch.Tensor]:

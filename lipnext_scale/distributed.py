@@ -1,0 +1,110 @@
+"""Every collective the package uses, each one a no-op in a world of one (no process group, or one rank).
+
+The rule: **every tensor that meets a collective lives on the communication device**, `comm_device()`:
+cuda:LOCAL_RANK under NCCL, cpu under gloo, and no op mixes devices on its way there. The process group
+DeepSpeed creates on GPUs is NCCL-only: a CPU tensor handed to it fails ("No backend type associated with
+device type cpu"), and gloo on the CPU test machines accepts anything, so the CPU tests cannot see such a
+mistake by themselves. The helpers here therefore refuse a tensor on another device with an error that
+names both devices, on every backend; tests/test_gpu_step.py runs the training step with host-made tensors
+on a device of their own to catch what the check alone would not.
+
+Values for the log are formed on the device, reduced here in one collective each (sum, or max), and read
+on the host once, at log steps only. `engine.py` keeps what is DeepSpeed's (joining the process group, the
+engine, monitors); this module needs nothing from DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives must live: cuda:LOCAL_RANK when the default group runs NCCL, else cpu."""
+    if is_distributed() and "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    device = comm_device()
+    for t in tensors:
+        if t.device != device:
+            raise RuntimeError(
+                f"a tensor on {t.device} was handed to a collective whose communication device is {device}; "
+                "create it there (device=distributed.comm_device()) or move it with .to(comm_device())"
+            )
+
+
+def _flat(new: str, old: str):
+    # torch 2.13 renamed the flat-tensor collectives (the old names warn); torch ≤ 2.12 has only the old
+    # ones. Looked up at each call, so that a test can wrap the torch.distributed functions.
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
+def _many() -> bool:
+    return is_distributed() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns `values`."""
+    if _many():
+        _check_device(values)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks, in place; returns `values`."""
+    if _many():
+        _check_device(values)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def all_gather(values: torch.Tensor) -> torch.Tensor:
+    """A small tensor from every rank, stacked: (world_size, *values.shape), rank order."""
+    if not _many():
+        return values.unsqueeze(0).clone()
+    _check_device(values)
+    flat = values.reshape(-1).contiguous()  # gloo gathers flat tensors only
+    out = torch.empty(dist.get_world_size() * flat.numel(), dtype=values.dtype, device=values.device)
+    _flat("all_gather_single", "all_gather_into_tensor")(out, flat)
+    return out.view(dist.get_world_size(), *values.shape)
+
+
+def reduce_scatter_flat(out: torch.Tensor, flat: torch.Tensor) -> None:
+    """`out` ← this rank's 1/N slice of the sum over ranks of `flat` (len(flat) = N·len(out))."""
+    if not _many():
+        out.copy_(flat)
+        return
+    _check_device(out, flat)
+    _flat("reduce_scatter_single", "reduce_scatter_tensor")(out, flat)
+
+
+def all_gather_flat(out: torch.Tensor, mine: torch.Tensor) -> None:
+    """`out` ← every rank's `mine`, concatenated in rank order (len(out) = N·len(mine))."""
+    if not _many():
+        out.copy_(mine)
+        return
+    _check_device(out, mine)
+    _flat("all_gather_single", "all_gather_into_tensor")(out, mine)
