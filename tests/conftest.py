@@ -19,8 +19,9 @@ TOOLS = REPO / "tools"
 
 
 def load_tool(name: str):
-    """tools/<name>.py as a module, loaded once and registered under its name: make_shards' pool workers
-    unpickle its functions by module name, and dataclasses look their module up there."""
+    """tools/<name>.py as a module, for tests of a command line itself (arguments, exit codes, messages);
+    logic is tested through the package. Loaded once and registered under its name, because dataclasses
+    and pickling look a module up in sys.modules."""
     path = TOOLS / f"{name}.py"
     loaded = sys.modules.get(name)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from lipnext_scale.data import build_loader, make_digits_shards, read_manifest
+from lipnext_scale.data.photos import write_sample_photos
 from tests.conftest import load_tool
 
 make_shards = load_tool("make_shards")
@@ -72,10 +73,9 @@ def test_bench_data_compares_both_backends_on_digits(
 
 
 def test_sample_photos_are_imagenet_sized_and_reproducible(tmp_path: Path) -> None:
-    photos = load_tool("sample_photos")
-    first = photos.write_sample_photos(tmp_path / "a", count=6, classes=2, seed=3, quality=90)
-    again = photos.write_sample_photos(tmp_path / "b", count=6, classes=2, seed=3, quality=90)
-    other = photos.write_sample_photos(tmp_path / "c", count=6, classes=2, seed=4, quality=90)
+    first = write_sample_photos(tmp_path / "a", count=6, classes=2, seed=3, quality=90)
+    again = write_sample_photos(tmp_path / "b", count=6, classes=2, seed=3, quality=90)
+    other = write_sample_photos(tmp_path / "c", count=6, classes=2, seed=4, quality=90)
     assert [p.relative_to(tmp_path / "a") for p in first] == [p.relative_to(tmp_path / "b") for p in again]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
@@ -84,8 +84,8 @@ def test_sample_photos_are_imagenet_sized_and_reproducible(tmp_path: Path) -> No
         with Image.open(path) as img:
             assert img.format == "JPEG" and img.mode == "RGB"
             assert 400 <= img.width <= 640 and 330 <= img.height <= 427
-    with pytest.raises(SystemExit):  # never mixes new photos into a folder that holds files
-        photos.main([str(tmp_path / "a")])
+    with pytest.raises(SystemExit):  # the command line never mixes new photos into a folder that holds files
+        load_tool("sample_photos").main([str(tmp_path / "a")])
 
 
 def test_bench_data_stages_split_cpu_time_per_image(
