@@ -44,7 +44,9 @@ def _help(text: str) -> dict:
 class ModelConfig:
     size: str = field(
         default="L6W64",
-        metadata=_choices(*SIZES, help="`L{depth}W{width}`; 2·depth·width² weights in the orthogonal mixes"),
+        metadata=_choices(
+            *SIZES, help="`L{depth}W{width}`, 2·depth·width² weights (L32W1024: 67M; L32W4096: 1.07B)"
+        ),
     )
     image_size: int = field(default=32, metadata=_range(1, help="input side in pixels"))
     patch: int = field(default=2, metadata=_range(1, help="patch side P; must divide `image_size`"))

@@ -39,10 +39,11 @@ def read_block(text: str, name: str) -> str:
 
 def replace_block(text: str, name: str, body: str) -> str:
     """``text`` with the body of block ``name`` replaced by ``body`` (markers kept)."""
-    read_block(text, name)  # raises if absent
-    pattern = re.compile(_BLOCK.format(name=re.escape(name)), flags=re.S)
+    match = re.search(_BLOCK.format(name=re.escape(name)), text, flags=re.S)
+    if match is None:
+        raise ValueError(f"no '<!-- {name}: begin -->' … '<!-- {name}: end -->' block")
     body = body if body.endswith("\n") else body + "\n"
-    return pattern.sub(lambda m: m.group(0).replace(m.group("body"), body, 1), text, count=1)
+    return text[: match.start("body")] + body + text[match.end("body") :]
 
 
 @dataclass(frozen=True)

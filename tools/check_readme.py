@@ -60,18 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             block, generated = "recipe-keys", recipe_key_table()
         current = read_block(text, block)
+        if args.write:
+            args.readme.write_text(replace_block(text, block, generated))
+            print(f"{args.readme}: block '{block}' rewritten")
+            return 0
+        exact = args.what == "keys" or args.exact
+        if exact:
+            problems = (
+                [] if current == generated else [f"block '{block}' differs; the code gives:\n{generated}"]
+            )
+        else:
+            problems = compare(parse_table(current), parse_table(generated), tolerance=args.tolerance)
     except (OSError, ValueError) as exc:
         print(f"check_readme: error: {args.readme}: {exc}", file=sys.stderr)
         return 2
-    if args.write:
-        args.readme.write_text(replace_block(text, block, generated))
-        print(f"{args.readme}: block '{block}' rewritten")
-        return 0
-    exact = args.what == "keys" or args.exact
-    if exact:
-        problems = [] if current == generated else [f"block '{block}' differs; the code gives:\n{generated}"]
-    else:
-        problems = compare(parse_table(current), parse_table(generated), tolerance=args.tolerance)
     for problem in problems:
         print(f"{args.readme}: {problem}")
     if not problems:
