@@ -86,3 +86,18 @@ def test_every_design_citation_resolves() -> None:
     assert cited, "no citations found: the pattern is wrong"
     missing = {n: paths for n, paths in cited.items() if n not in sections}
     assert not missing, f"DESIGN.md has no section for {missing}"
+
+
+def test_readme_python_snippet_runs_on_a_trained_run(trained_quickstart: Path) -> None:
+    """The "From Python" snippet, as written, on the suite's quickstart run (its path swapped in)."""
+    text = README.read_text()
+    snippet = text[text.index("From Python, on a batch") :]
+    snippet = snippet[snippet.index("```python\n") + len("```python\n") :]
+    snippet = snippet[: snippet.index("```")]
+    assert snippet.count("runs/quickstart/") == 2
+    names: dict = {}
+    exec(compile(snippet.replace("runs/quickstart/", f"{trained_quickstart}/"), "README.md", "exec"), names)
+    images, labels, pred, radius = names["images"], names["labels"], names["pred"], names["radius"]
+    assert images.shape == (8, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert pred.shape == labels.shape == radius.shape == (8,)
+    assert (pred == labels).sum() >= 6 and (radius >= 0).all()  # a trained model on held-out digits
