@@ -24,11 +24,13 @@ class ConfigError(ValueError):
     pass
 
 
-def _choices(*values: str, help: str) -> dict:
+def _choices(*values: str, help: str = "") -> dict:
     return {"choices": values, "help": help}
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, help: str) -> dict:
+def _range(
+    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, help: str = ""
+) -> dict:
     return {"range": (lo, hi, lo_open), "help": help}
 
 
