@@ -64,7 +64,8 @@ class ModelConfig:
     compile: bool = field(
         default=False,
         metadata=_help(
-            "`torch.compile` each block (same parameter names; needs a C++ compiler on CPUs, Triton on GPUs)"
+            "`torch.compile` each block (same parameter names, gradients within 1e-6 of eager; needs a C++ "
+            "compiler on CPUs, Triton on GPUs)"
         ),
     )
 
@@ -91,8 +92,9 @@ class DataConfig:
         default="none",
         metadata=_choices(
             *AUGMENTS,
-            help="`flip`; `crop_flip` (pad-4 random crop + flip); `rrc_flip` (random-resized crop + flip; "
-            "eval: resize to size/0.875, centre crop); `randaugment` (`rrc_flip` + RandAugment n=2, m=9)",
+            help="`none`; `flip`; `crop_flip` (pad-4 random crop + flip); `rrc_flip` (random-resized "
+            "crop + flip; eval: resize to size/0.875, centre crop); `randaugment` (`rrc_flip` + "
+            "RandAugment n=2, m=9)",
         ),
     )
     backend: str = field(
