@@ -75,8 +75,9 @@ def test_check_readme_write_replaces_only_its_block(tmp_path: Path, trained_quic
     assert check_readme.main(["--readme", str(copy), "figures", str(trained_quickstart), "--block",
                               "test-figures", "--write"]) == 0  # fmt: skip
     after = copy.read_text()
-    assert after.replace(read_block(after, "test-figures"), "") == emptied.replace(
-        read_block(emptied, "test-figures"), ""
+    assert (
+        read_block(after, "test-figures").startswith("```\n")
+        and replace_block(after, "test-figures", "") == emptied
     )
     assert check_readme.main(["--readme", str(copy), "figures", str(trained_quickstart), "--block",
                               "test-figures", "--exact"]) == 0  # fmt: skip
