@@ -7,6 +7,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -23,97 +24,195 @@ class ConfigError(ValueError):
     pass
 
 
-def _choices(*values: str) -> dict:
-    return {"choices": values}
+def _choices(*values: str, help: str = "") -> dict:
+    return {"choices": values, "help": help}
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open)}
+def _range(
+    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, help: str = ""
+) -> dict:
+    return {"range": (lo, hi, lo_open), "help": help}
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+# Every field carries its `help`: README.md's recipe-key table is generated from these
+# (`python tools/check_readme.py keys --write`), and tests/test_readme.py keeps the two equal.
 
 
 @dataclass
 class ModelConfig:
-    size: str = field(default="L6W64", metadata=_choices(*SIZES))
-    image_size: int = field(default=32, metadata=_range(1))
-    patch: int = field(default=2, metadata=_range(1))
-    num_classes: int = field(default=10, metadata=_range(2))
-    alpha: float = field(default=1 / 8, metadata=_range(0, 0.25))
-    beta: float = field(default=0.5, metadata=_range(0, 1))
-    # Activation checkpointing (recompute in backward; not the training checkpoints of run.checkpoint_every):
-    # k recomputes blocks 0, k, 2k, … (1 = every block, 0 = none); "auto" lets the memory planner pick the
-    # least recomputation that fits the GPU (memory_plan.resolve_activation_checkpointing).
-    activation_checkpointing: int | str = field(default=0, metadata={"words": ("auto",), **_range(0)})
-    # torch.compile each block's forward (needs a C++ compiler on CPUs, Triton on GPUs).
-    compile: bool = False
+    size: str = field(
+        default="L6W64",
+        metadata=_choices(
+            *SIZES, help="`L{depth}W{width}`, 2·depth·width² weights (L32W1024: 67M; L32W4096: 1.07B)"
+        ),
+    )
+    image_size: int = field(default=32, metadata=_range(1, help="input side in pixels"))
+    patch: int = field(default=2, metadata=_range(1, help="patch side P; must divide `image_size`"))
+    num_classes: int = field(default=10, metadata=_range(2, help="classes"))
+    alpha: float = field(
+        default=1 / 8, metadata=_range(0, 0.25, help="shift ratio α: 4α·W channels are shifted")
+    )
+    beta: float = field(default=0.5, metadata=_range(0, 1, help="β-Abs ratio: |·| on the first β·W channels"))
+    activation_checkpointing: int | str = field(
+        default=0,
+        metadata={
+            "words": ("auto",),
+            **_range(
+                0,
+                help="recompute blocks 0, k, 2k, … in backward (1 = every block; 0 = off); `auto`: the "
+                "memory planner picks the least recomputation that fits the GPU (its memory; 80 GiB "
+                "elsewhere). Not the training checkpoints of `run.checkpoint_every`; formerly "
+                "`model.checkpoint_every`",
+            ),
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_help(
+            "`torch.compile` each block (same parameter names, gradients within 1e-6 of eager; needs a C++ "
+            "compiler on CPUs, Triton on GPUs)"
+        ),
+    )
 
 
 @dataclass
 class DataConfig:
-    source: str = field(default="digits", metadata=_choices("digits", "shards"))
-    # digits: shards are written under `root` (default: <output_dir>/data). shards: manifests written by
-    # tools/make_shards.py.
-    root: str = ""
-    train_manifest: str = ""
-    val_manifest: str = ""
-    batch_size: int = field(default=64, metadata=_range(1))
-    eval_batch_size: int = field(default=256, metadata=_range(1))
-    augment: str = field(default="none", metadata=_choices(*AUGMENTS))
-    backend: str = field(default="auto", metadata=_choices("auto", "dali", "wds"))
+    source: str = field(
+        default="digits",
+        metadata=_choices(
+            "digits", "shards", help="`digits` (the quickstart's, written under `data.root`) or `shards`"
+        ),
+    )
+    root: str = field(
+        default="", metadata=_help("where digits shards are written (empty: `<output_dir>/data`)")
+    )
+    train_manifest: str = field(
+        default="", metadata=_help("training manifest from `tools/make_shards.py` (`source: shards`)")
+    )
+    val_manifest: str = field(
+        default="", metadata=_help("evaluation manifest from `tools/make_shards.py` (`source: shards`)")
+    )
+    batch_size: int = field(default=64, metadata=_range(1, help="global training batch (all ranks)"))
+    augment: str = field(
+        default="none",
+        metadata=_choices(
+            *AUGMENTS,
+            help="`none`; `flip`; `crop_flip` (pad-4 random crop + flip); `rrc_flip` (random-resized "
+            "crop + flip; eval: resize to size/0.875, centre crop); `randaugment` (`rrc_flip` + "
+            "RandAugment n=2, m=9)",
+        ),
+    )
+    backend: str = field(
+        default="auto",
+        metadata=_choices(
+            "auto", "dali", "wds", help="`auto`: DALI where installed, else `wds` (webdataset + PIL)"
+        ),
+    )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
-    euclidean_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = field(default=1e-8, metadata=_range(0, lo_open=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0))
-    euclidean: str = field(default="nadam", metadata=_choices("nadam", "adamw"))
-    warmup_epochs: float = field(default=1.0, metadata=_range(0))
-    min_lr_ratio: float = field(default=0.0, metadata=_range(0, 1))
-    lookahead_k: int = field(default=5, metadata=_range(0))
-    lookahead_alpha: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
-    reorthogonalize_every: int = field(default=100, metadata=_range(0))
-    grad_clip: float = field(default=1.0, metadata=_range(0))
+    lr: float = field(
+        default=1e-3,
+        metadata=_range(0, lo_open=True, help="learning rate of the orthogonal matrices (Riemannian Adam)"),
+    )
+    euclidean_lr: float = field(
+        default=1e-3,
+        metadata=_range(0, lo_open=True, help="learning rate of biases, positional terms and the head"),
+    )
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam moments' decay rates"))
+    eps: float = field(default=1e-8, metadata=_range(0, lo_open=True, help="Adam's ε"))
+    weight_decay: float = field(
+        default=0.0, metadata=_range(0, help="decoupled weight decay (Euclidean parameters only)")
+    )
+    euclidean: str = field(
+        default="nadam", metadata=_choices("nadam", "adamw", help="optimizer of the Euclidean parameters")
+    )
+    warmup_epochs: float = field(default=1.0, metadata=_range(0, help="linear warm-up, then cosine"))
+    min_lr_ratio: float = field(
+        default=0.0, metadata=_range(0, 1, help="the cosine ends at `min_lr_ratio`·lr")
+    )
+    lookahead_k: int = field(default=5, metadata=_range(0, help="manifold Lookahead every k steps (0 = off)"))
+    lookahead_alpha: float = field(
+        default=0.5, metadata=_range(0, 1, lo_open=True, help="Lookahead's step towards the fast weights")
+    )
+    reorthogonalize_every: int = field(
+        default=100,
+        metadata=_range(0, help="polar re-orthogonalisation of the masters every n steps (0: off)"),
+    )
+    grad_clip: float = field(default=1.0, metadata=_range(0, help="global gradient-norm clipping (0 = off)"))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=10, metadata=_range(1))
-    max_steps: int = field(default=0, metadata=_range(0))
-    precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp32"))
-    loss: str = field(default="emma", metadata=_choices("emma", "ce"))
-    eps: float = field(default=36 / 255, metadata=_range(0, lo_open=True))
-    eps_ramp: tuple[float, float] = (0.1, 3.0)
-    seed: int = 0
-    log_every: int = field(default=10, metadata=_range(1))
-    # Per-rank micro-batch; 0 = data.batch_size / ranks (no gradient accumulation).
-    micro_batch_size: int = field(default=0, metadata=_range(0))
-    # Non-finite steps are skipped on every rank; this many in a row stop the run.
-    max_consecutive_skips: int = field(default=10, metadata=_range(1))
+    epochs: int = field(default=10, metadata=_range(1, help="epochs"))
+    max_steps: int = field(default=0, metadata=_range(0, help="a step cap for quick checks (0 = none)"))
+    precision: str = field(
+        default="auto",
+        metadata=_choices(
+            "auto", "bf16", "fp32", help="compute dtype; `auto`: bf16 on GPUs, fp32 on CPUs (masters: fp32)"
+        ),
+    )
+    loss: str = field(
+        default="emma", metadata=_choices("emma", "ce", help="`emma` (margin-aware, LiResNet) or `ce`")
+    )
+    eps: float = field(
+        default=36 / 255, metadata=_range(0, lo_open=True, help="EMMA's target training radius (L2, pixels)")
+    )
+    eps_ramp: tuple[float, float] = field(
+        default=(0.1, 3.0), metadata=_help("EMMA's radius ramps linearly from ramp[0]·eps to ramp[1]·eps")
+    )
+    seed: int = field(default=0, metadata=_help("seed of the weights and the data order"))
+    log_every: int = field(default=10, metadata=_range(1, help="log to metrics.jsonl every n steps"))
+    micro_batch_size: int = field(
+        default=0,
+        metadata=_range(0, help="per-rank micro-batch; 0 = batch / ranks; smaller ones accumulate gradients"),
+    )
+    max_consecutive_skips: int = field(
+        default=10,
+        metadata=_range(1, help="non-finite steps are skipped on all ranks; this many in a row stop the run"),
+    )
 
 
 @dataclass
 class CertifyConfig:
-    eps: list[float] = field(default_factory=lambda: [36 / 255, 72 / 255, 108 / 255, 1.0])
-    batch_size: int = field(default=256, metadata=_range(1))
-    # Published CRA of the configuration this recipe reproduces, as [ε, CRA in [0, 1]] pairs, and where
-    # they are published; tools/certify.py draws them beside the measured curve. Empty: none drawn.
-    reported_cra: list[tuple[float, float]] = field(default_factory=list)
-    reported_source: str = ""
+    eps: list[float] = field(
+        default_factory=lambda: [36 / 255, 72 / 255, 108 / 255, 1.0],
+        metadata=_help("radii at which CRA is reported (each epoch and in `eval.json`)"),
+    )
+    batch_size: int = field(default=256, metadata=_range(1, help="evaluation and certification batch"))
+    reported_cra: list[tuple[float, float]] = field(
+        default_factory=list,
+        metadata=_help(
+            "published `[ε, CRA]` pairs of the configuration the recipe reproduces (DESIGN.md §6); "
+            "`tools/certify.py` draws them beside its curve"
+        ),
+    )
+    reported_source: str = field(default="", metadata=_help("where `reported_cra` is published"))
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/quickstart"
-    # Weights & Biases logging (offline unless WANDB_MODE is set; `wandb sync <output_dir>/wandb/...` later).
-    wandb: bool = False
-    wandb_project: str = "lipnext_scale"
-    # Checkpoints go to <output_dir>/checkpoints every n optimizer steps (0 = only at the end).
-    checkpoint_every: int = field(default=0, metadata=_range(0))
-    keep_checkpoints: int = field(default=2, metadata=_range(1))
-    # Continue from <output_dir>/checkpoints/latest when it exists.
-    resume: bool = True
+    output_dir: str = field(default="runs/quickstart", metadata=_help("where everything is written"))
+    wandb: bool = field(
+        default=False,
+        metadata=_help("log to Weights & Biases, offline unless `WANDB_MODE` is set (`wandb sync` later)"),
+    )
+    wandb_project: str = field(default="lipnext_scale", metadata=_help("the W&B project"))
+    checkpoint_every: int = field(
+        default=0,
+        metadata=_range(
+            0, help="checkpoint to `<output_dir>/checkpoints` every n steps (0: at the end only)"
+        ),
+    )
+    keep_checkpoints: int = field(default=2, metadata=_range(1, help="newest checkpoints kept on disk"))
+    resume: bool = field(
+        default=True, metadata=_help("continue from `<output_dir>/checkpoints/latest` when it exists")
+    )
 
 
 @dataclass
@@ -198,6 +297,11 @@ _RENAMED = {
 }
 
 
+def _did_you_mean(name: str, known: typing.Iterable[str], section: str = "") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""
+
+
 def _build_section(cls: type, raw: dict, section: str, source: str, overridden: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -207,8 +311,11 @@ def _build_section(cls: type, raw: dict, section: str, source: str, overridden: 
             where = f"{source}, command-line override '{overridden[old]}'" if old in overridden else source
             raise ConfigError(f"{where}: '{old}' was renamed to '{new}'; use the new name")
         if key not in known:
+            dotted = f"{section}.{key}"
+            where = f"command line: override {overridden[dotted]!r}" if dotted in overridden else source
             raise ConfigError(
-                f"{source}: unknown key '{section}.{key}'; allowed keys in '{section}': {', '.join(known)}"
+                f"{where}: unknown key '{dotted}'{_did_you_mean(key, known, section)}; "
+                f"allowed keys in '{section}': {', '.join(known)}"
             )
     values = {}
     for name, f in known.items():
@@ -270,9 +377,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict[str, str]:
             raise ConfigError(f"command line: override {item!r} is not of the form section.key=value")
         section, name = parts
         if section not in {f.name for f in dataclasses.fields(Recipe)}:
+            sections = [f.name for f in dataclasses.fields(Recipe)]
             raise ConfigError(
-                f"command line: unknown section '{section}' in {item!r}; "
-                f"allowed: {', '.join(f.name for f in dataclasses.fields(Recipe))}"
+                f"command line: unknown section '{section}' in {item!r}{_did_you_mean(section, sections)}; "
+                f"allowed: {', '.join(sections)}"
             )
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ConfigError(f"command line: cannot override {item!r}: section '{section}' is not a mapping")
@@ -289,7 +397,10 @@ def recipe_from_dict(raw: Any, source: str, overridden: dict[str, str] | None = 
     built = {}
     for section, content in raw.items():
         if section not in sections:
-            raise ConfigError(f"{source}: unknown section '{section}'; allowed: {', '.join(sections)}")
+            raise ConfigError(
+                f"{source}: unknown section '{section}'{_did_you_mean(section, sections)}; "
+                f"allowed: {', '.join(sections)}"
+            )
         if content is None:
             content = {}
         if not isinstance(content, dict):
@@ -315,6 +426,48 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(raw, str(path), overridden)
 
 
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        # Radii are written k/255 and the shift ratio 1/8, as in the recipes.
+        k255, k8 = value * 255, value * 8
+        if abs(k255 - round(k255)) < 1e-9 and round(k255) % 255 and abs(k8 - round(k8)) > 1e-9:
+            return f"{round(k255)}/255"
+        if abs(k8 - round(k8)) < 1e-12 and round(k8) % 2:
+            return f"{round(k8)}/8"
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_default_text(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f"`{value}`" if value else ""
+    return str(value)
+
+
+def _allowed_text(meta: typing.Mapping) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(f"`{c}`" for c in meta["choices"])
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        bounds = [f"{'>' if lo_open else '≥'} {lo:g}"] if lo is not None else []
+        return " and ".join(bounds + ([f"≤ {hi:g}"] if hi is not None else []))
+    return ""
+
+
+def recipe_keys() -> list[tuple[str, str, str, str]]:
+    """(dotted key, default as a recipe would write it, meaning, allowed values) for every recipe key,
+    from the fields' metadata: the source of README.md's key table."""
+    rows = []
+    for section in dataclasses.fields(Recipe):
+        defaults = section.default_factory()
+        for f in dataclasses.fields(defaults):
+            default = _default_text(getattr(defaults, f.name))
+            rows.append(
+                (f"{section.name}.{f.name}", default, f.metadata.get("help", ""), _allowed_text(f.metadata))
+            )
+    return rows
+
+
 __all__ = [
     "CertifyConfig",
     "ConfigError",
@@ -326,4 +479,5 @@ __all__ = [
     "TrainConfig",
     "load_recipe",
     "recipe_from_dict",
+    "recipe_keys",
 ]

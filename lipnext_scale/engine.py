@@ -43,6 +43,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _say_if_compiling_comm_op() -> None:
+    """On CPUs DeepSpeed JIT-compiles its shared-memory communication op at its first start, silently for
+    30 s to 2 minutes; say so, so that the run does not look hung. torch's extension loader caches it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed will not build it either
+    build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+    if not any(build_dir.glob("*.so")):
+        print(
+            f"DeepSpeed is compiling its {builder.NAME} op into {build_dir} (first start only, 30 s–2 min)",
+            flush=True,
+        )
+
+
 def setup_distributed(local_rank_arg: int | None = None) -> DistInfo:
     """Join (or, for a plain `python train.py`, create) the process group: NCCL on GPUs, gloo on CPUs."""
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
@@ -59,6 +77,8 @@ def setup_distributed(local_rank_arg: int | None = None) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if not use_cuda and local_rank == 0:
+            _say_if_compiling_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)

@@ -10,9 +10,17 @@ from lipnext_scale.trainer import TooManySkippedSteps, Trainer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Every recipe key, with its default and allowed values, is listed in README.md "
+        "('Recipes'), generated from the field help in lipnext_scale/config.py. Shipped recipes: recipes/.",
+    )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides of recipe keys (section.key=value), e.g. train.epochs=2",
+    )
     # Launchers (deepspeed) insert --local_rank=N before the user's arguments.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -25,6 +25,7 @@ from lipnext_scale.checkpoint import (
     save_checkpoint,
 )
 from lipnext_scale.config import Recipe
+from lipnext_scale.console import ConsoleLog, memory_text
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.flops import flops_per_image, peak_flops
 from lipnext_scale.loss import classification_loss, head_pair_distances_from_unit_rows, training_eps
@@ -186,6 +187,10 @@ class Trainer:
             (self.out / "run_info.json").write_text(json.dumps(info, indent=1))
             if recipe.run.wandb:
                 self.wandb = WandbLogger(self.out, recipe.run.wandb_project, self.out.name, info)
+        # Rank 0's console, also in the run directory (the progress bar stays on the terminal).
+        self.console = (
+            ConsoleLog(self.out / "console.log", "a" if resuming else "w") if self.is_main else None
+        )
         self._log_optimizer_bytes()
         self._log_memory_plan()
         self._window_since = time.perf_counter()
@@ -454,13 +459,14 @@ class Trainer:
                     stats = {**self.step_stats(eps), **meter.read_and_reset()}
                     self.log(stats)
                     ds.write_monitor_events(self.engine, stats, self.step)
+                    planned_gib = stats["planned_peak_gib"]
                     bar.set_postfix(
                         loss=f"{stats['loss']:.3f}",
                         acc=f"{stats['acc']:.3f}",
                         cert=f"{stats['train_cert_acc']:.3f}",
                         img_s=f"{stats['images_per_s']:.0f}",
                         wait=f"{stats['data_wait_share']:.0%}",
-                        mem=f"{stats['peak_memory_gib']:.1f}G/plan {stats['planned_peak_gib']:.1f}G",
+                        mem=f"{memory_text(stats['peak_memory_gib'])}/plan {memory_text(planned_gib)}",
                     )
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -469,12 +475,16 @@ class Trainer:
                     break
             if epoch_done:
                 self.epoch += 1
+                done = f"epoch {self.epoch}"
+            else:  # max_steps ended inside an epoch
+                share = self.train_loader.position / len(self.train_loader)
+                done = f"step {self.step} (epoch {self.epoch + 1}, {share:.0%} done)"
             result = self.evaluate()
             meter.read_and_reset()  # evaluation time is not training throughput
             self.log({"step": self.step, "epoch": self.epoch, "eval": result})
             if self.is_main:
                 bar.write(
-                    f"epoch {self.epoch}: clean {100 * result['clean_acc']:.2f}%  "
+                    f"{done}: clean {100 * result['clean_acc']:.2f}%  "
                     + "  ".join(f"CRA@{r['eps']:.3f} {100 * r['cra']:.2f}%" for r in result["cra"])
                 )
         bar.close()
@@ -504,6 +514,8 @@ class Trainer:
     def close(self) -> None:
         if self.metrics_file:
             self.metrics_file.close()
+        if self.console:
+            self.console.close()
         if self.wandb:
             self.wandb.finish()
         ds.shutdown()

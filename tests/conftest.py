@@ -19,8 +19,9 @@ TOOLS = REPO / "tools"
 
 
 def load_tool(name: str):
-    """tools/<name>.py as a module, loaded once and registered under its name: make_shards' pool workers
-    unpickle its functions by module name, and dataclasses look their module up there."""
+    """tools/<name>.py as a module, for tests of a command line itself (arguments, exit codes, messages);
+    logic is tested through the package. Loaded once and registered under its name, because dataclasses
+    and pickling look a module up in sys.modules."""
     path = TOOLS / f"{name}.py"
     loaded = sys.modules.get(name)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path):
@@ -50,16 +51,26 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
+# torch's intra-op thread count as a plain `python lipnext_scale/train.py` gets it (fixtures change it).
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+# What `trained_quickstart` trains: the quickstart recipe, shortened. README.md's "test-figures" block holds
+# its figures (tests/test_readme.py) and names the same command line.
+TEST_QUICKSTART_OVERRIDES = ("train.epochs=12", "train.log_every=5")
+
+
 @pytest.fixture(scope="session")
 def trained_quickstart(tmp_path_factory, digits_root) -> Path:
     """A run directory of the quickstart recipe trained briefly (about 30 s): model.safetensors, eval.json,
-    metrics.jsonl, and the digits shards under data/ (`digits_root`)."""
+    metrics.jsonl, console.log, and the digits shards under data/ (`digits_root`). Trained with torch's
+    default thread count, whichever test asks first, so that its figures equal the command line's."""
     run_dir = digits_root.parent
-    overrides = [f"run.output_dir={run_dir}", "train.epochs=12", "train.log_every=5"]
-    recipe = load_recipe(QUICKSTART, overrides)
+    recipe = load_recipe(QUICKSTART, [f"run.output_dir={run_dir}", *TEST_QUICKSTART_OVERRIDES])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_TORCH_THREADS)
     trainer = Trainer(recipe)
     try:
         trainer.save(trainer.fit())
     finally:
         trainer.close()
+        torch.set_num_threads(previous)
     return run_dir

@@ -24,12 +24,14 @@ from PIL import Image, JpegImagePlugin
 
 from lipnext_scale.data import build_loader, read_manifest
 from lipnext_scale.data.shards import MAX_KEY_LENGTH, index_text
+from lipnext_scale.data.verify import VerifyError, verify
 from tests.conftest import TOOLS, load_tool
 
 # JPEG q95 4:4:4 vs the source pixels of the strongly textured test images below: measured max 9/255.
 JPEG_TOLERANCE = 12 / 255
 
 
+# The command lines themselves (exit codes, messages); the checks are lipnext_scale.data.verify's.
 make_shards = load_tool("make_shards")
 verify_shards = load_tool("verify_shards")
 
@@ -50,7 +52,7 @@ def refused(capsys: pytest.CaptureFixture[str], *args: object) -> str:
 
 
 def verified(manifest: Path, decode: bool = True) -> str:
-    summary = verify_shards.verify(manifest, decode=decode)
+    summary = verify(manifest, decode=decode)
     return summary.line()
 
 
@@ -408,6 +410,7 @@ def test_folder_bad_files_refuse_or_skip(
 
     err = refused(capsys, "folder", src, out, "--prefix", "pets", "--no-shuffle", "--workers", workers)
     assert f"{bad['corrupt']}: not a decodable image" in err  # the first bad file in sorted order
+    assert "rerun with --on-bad skip" in err  # the refusal says how to go on
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     run_make("folder", src, out, "--prefix", "pets", "--on-bad", "skip", "--workers", workers)
@@ -537,8 +540,8 @@ def test_verify_accepts_a_good_set_and_its_index_is_wds2idx(tmp_path: Path) -> N
 def test_verify_names_the_first_bad_sample(tmp_path: Path, shards: list, kwargs: dict, message: str) -> None:
     decode_flag = kwargs.pop("decode", False)
     path = hand_made_set(tmp_path / "h", shards, **kwargs)
-    with pytest.raises(verify_shards.VerifyError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        verify_shards.verify(path, decode=decode_flag)
+    with pytest.raises(VerifyError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        verify(path, decode=decode_flag)
 
 
 def test_verify_without_decode_only_checks_the_jpeg_header(tmp_path: Path) -> None:
@@ -571,8 +574,8 @@ def test_verify_catches_stale_index_checksum_and_count(tmp_path: Path) -> None:
     data = bytearray(tar.read_bytes())
     data[1500] ^= 0xFF  # inside the first JPEG's entropy-coded data
     tar.write_bytes(bytes(data))
-    with pytest.raises(verify_shards.VerifyError, match="s-000000.tar: sha256 is"):
-        verify_shards.verify(path)
+    with pytest.raises(VerifyError, match="s-000000.tar: sha256 is"):
+        verify(path)
     data[1500] ^= 0xFF
     tar.write_bytes(bytes(data))
 
@@ -580,8 +583,8 @@ def test_verify_catches_stale_index_checksum_and_count(tmp_path: Path) -> None:
     raw["shards"][0]["num_samples"] += 1
     raw["total_samples"] += 1
     path.write_text(json.dumps(raw))
-    with pytest.raises(verify_shards.VerifyError, match="s-000000.tar: holds 2 samples, the manifest says 3"):
-        verify_shards.verify(path)
+    with pytest.raises(VerifyError, match="s-000000.tar: holds 2 samples, the manifest says 3"):
+        verify(path)
 
 
 def _tiny_folder(src: Path) -> Path:

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from lipnext_scale.data import build_loader, make_digits_shards, read_manifest
+from lipnext_scale.data.photos import write_sample_photos
+from lipnext_scale.data.sources import BadInput, folder_split, write_splits
 from tests.conftest import load_tool
 
 make_shards = load_tool("make_shards")
@@ -72,10 +74,9 @@ def test_bench_data_compares_both_backends_on_digits(
 
 
 def test_sample_photos_are_imagenet_sized_and_reproducible(tmp_path: Path) -> None:
-    photos = load_tool("sample_photos")
-    first = photos.write_sample_photos(tmp_path / "a", count=6, classes=2, seed=3, quality=90)
-    again = photos.write_sample_photos(tmp_path / "b", count=6, classes=2, seed=3, quality=90)
-    other = photos.write_sample_photos(tmp_path / "c", count=6, classes=2, seed=4, quality=90)
+    first = write_sample_photos(tmp_path / "a", count=6, classes=2, seed=3, quality=90)
+    again = write_sample_photos(tmp_path / "b", count=6, classes=2, seed=3, quality=90)
+    other = write_sample_photos(tmp_path / "c", count=6, classes=2, seed=4, quality=90)
     assert [p.relative_to(tmp_path / "a") for p in first] == [p.relative_to(tmp_path / "b") for p in again]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
@@ -84,8 +85,8 @@ def test_sample_photos_are_imagenet_sized_and_reproducible(tmp_path: Path) -> No
         with Image.open(path) as img:
             assert img.format == "JPEG" and img.mode == "RGB"
             assert 400 <= img.width <= 640 and 330 <= img.height <= 427
-    with pytest.raises(SystemExit):  # never mixes new photos into a folder that holds files
-        photos.main([str(tmp_path / "a")])
+    with pytest.raises(SystemExit):  # the command line never mixes new photos into a folder that holds files
+        load_tool("sample_photos").main([str(tmp_path / "a")])
 
 
 def test_bench_data_stages_split_cpu_time_per_image(
@@ -112,3 +113,29 @@ def test_bench_data_stages_split_cpu_time_per_image(
     assert [s[0].split()[0] for s in stages] == ["JPEG", "random-resized-crop", "rest"]
     for _name, dali_ms, wds_ms, _ratio in stages[:2]:
         assert float(dali_ms) > 0 and float(wds_ms) > 0
+
+
+def test_sources_from_python_write_what_the_command_line_writes(tmp_path: Path) -> None:
+    """lipnext_scale.data.sources is the library behind make_shards: same arguments, same shard bytes."""
+    src = tmp_path / "src"
+    for name, colour in (("cat", (200, 10, 10)), ("dog", (10, 10, 200))):
+        for i in range(3):
+            (src / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20 + i, 20), colour).save(src / name / f"{i}.jpg")
+    make_shards.main(["folder", str(src), str(tmp_path / "cli"), "--prefix", "pets", "--workers", "1"])
+    [manifest] = write_splits(
+        folder_split(src, prefix="pets", workers=1), tmp_path / "lib", samples_per_shard=1000
+    )
+    assert manifest["total_samples"] == 6 and manifest["class_names"] == ["cat", "dog"]
+    cli, lib = (
+        read_manifest(tmp_path / "cli" / "pets.manifest.json"),
+        read_manifest(tmp_path / "lib" / "pets.manifest.json"),
+    )
+    assert [s.sha256 for s in cli.shards] == [s.sha256 for s in lib.shards]
+
+    (src / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(BadInput, match="bad.jpg: not a decodable image") as info:
+        write_splits(folder_split(src, prefix="pets2", workers=1), tmp_path / "lib")
+    assert info.value.skippable and not list((tmp_path / "lib").glob("pets2*"))
+    [skipped] = write_splits(folder_split(src, prefix="pets2", on_bad="skip", workers=1), tmp_path / "lib")
+    assert skipped["total_samples"] == 6 and [Path(s["path"]).name for s in skipped["skipped"]] == ["bad.jpg"]

@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lipnext_scale.build import resolve_precision  # noqa: E402
-from lipnext_scale.config import load_recipe  # noqa: E402
-from lipnext_scale.flops import block_flops, model_flops, peak_flops  # noqa: E402
-from lipnext_scale.model.layers import LipNeXtBlock, fuse_second_mix, random_orthogonal  # noqa: E402
-from lipnext_scale.pretrained import build_model  # noqa: E402
+from lipnext_scale.build import resolve_precision
+from lipnext_scale.config import load_recipe
+from lipnext_scale.flops import block_flops, model_flops, peak_flops
+from lipnext_scale.model.layers import LipNeXtBlock, fuse_second_mix, random_orthogonal
+from lipnext_scale.pretrained import build_model
 
 
 def timed(fns: list, steps: int, device: torch.device) -> list[float]:

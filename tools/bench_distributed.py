@@ -25,9 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 
 def worker(recipe_path: str, overrides: list[str], steps: int, result_file: Path) -> None:
     import torch

@@ -20,10 +20,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lipnext_scale.checkpoint import IncompleteCheckpoint, resolve_checkpoint  # noqa: E402
-from lipnext_scale.pretrained import RECIPE_KEY  # noqa: E402
+from lipnext_scale.checkpoint import IncompleteCheckpoint, resolve_checkpoint
+from lipnext_scale.pretrained import RECIPE_KEY
 
 DTYPE_BYTES = {"F32": 4}
 

@@ -12,35 +12,10 @@ the same files. Feed the tree to `tools/make_shards.py folder` and the shards to
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-PHOTOS = ("china.jpg", "flower.jpg")
-WIDTH, HEIGHT = (400, 640), (330, 427)
-
-
-def write_sample_photos(out: Path, count: int, classes: int, seed: int, quality: int) -> list[Path]:
-    from sklearn.datasets import load_sample_image
-
-    photos = [Image.fromarray(np.asarray(load_sample_image(name))) for name in PHOTOS]
-    rng = random.Random(seed)
-    written = []
-    for i in range(count):
-        photo = photos[rng.randrange(len(photos))]
-        w, h = rng.randint(*WIDTH), rng.randint(*HEIGHT)
-        left, top = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
-        crop = photo.crop((left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        path = out / f"class{i % classes}" / f"img{i:04d}.JPEG"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        crop.save(path, format="JPEG", quality=quality)
-        written.append(path)
-    return written
+from lipnext_scale.data.photos import write_sample_photos
 
 
 def main(argv: list[str] | None = None) -> int:
