@@ -82,8 +82,10 @@ def test_dry_run_measures_the_real_step_not_the_plan(case):
     else:  # a step's gradients pending in the buffer: a fresh one, freed again
         assert evaluation.at_end["Other"] == r.plan["grad_buffer"]
         assert evaluation.peak - evaluation.at_start["Total"] >= r.plan["grad_buffer"]
-    for p in r.phases:  # phases do not leak: what a phase leaves is what the next one starts from
-        assert p.at_end["Total"] <= p.at_start.get("Total", 0) or p.name == "start-up"
+    # Phases do not leak: what a phase leaves is what the next one starts from (give or take a few scalars
+    # made earlier, e.g. the optimizer's device-side counters, which MemTracker sees when a phase uses them).
+    for p in r.phases[1:]:
+        assert p.at_end["Total"] <= p.at_start["Total"] + 1024, p
 
 
 def test_host_reads_of_fake_scalars_are_answered_and_counted():
