@@ -35,20 +35,29 @@ Per rank (b = bytes of the compute dtype, P = parameters):
       activation peak     = input + kept + working set + S_block·[the last block is checkpointed]
   tests/test_plan_memory.py checks `kept` against the bytes autograd saves (saved_tensors_hooks) and the
   peak against the live bytes of a real forward/backward, on CPU;
-- optimizer step (activations freed): the reduce-scattered fp32 segment, then either the Riemannian update
-  of one matrix (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) or the all-gather's full
-  compute-dtype buffer plus the segment's copy, whichever is larger;
+- optimizer step (activations freed): the reduce-scattered fp32 segment, then the largest of: the global
+  norm's float64 copy of the segment and its square (2·segment·8), the Riemannian update of one matrix
+  (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) and the all-gather's full compute-dtype
+  buffer plus the segment's copy;
 - evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
   fp32 weights) into the gradient buffer, idle between steps — no extra bytes — except with gradient
   accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
   and a buffer of its size is counted; plus either a no-grad fp32 forward of
-  ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1])·N·W·4 alive at once
-  (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4; unfused, N < W: the N·W·4 intermediate
-  instead) and the head's C²·8 + 2·B·C·4 — or the float64
-  bound of one matrix (2·W²·8), whichever is larger.
+  ``certify.batch_size`` images — the input I = B·3·S²·4 and the larger of the stem's (the centred
+  images and their patch copy, 2·I, and its output N·W·4) and the blocks' (4 + [βW ≥ 1])·N·W·4 alive at
+  once (measured; tests/test_plan_memory.py; the stem's is the larger when W < 1.5·p², e.g. 224-pixel
+  images at width 64, tests/test_dryrun.py), one M·Rᵀ (W²·4; unfused, N < W: the N·W·4 intermediate
+  instead) and the head's C²·8 + 2·B·C·4 — or the float64 bound of one matrix (2·W²·8), or the
+  all-gather's copy of this rank's fp32 segment (several ranks), whichever is larger.
 
 Peak = weights + gradient buffer + optimizer state
        + max(activation peak + transient gradients, optimizer step, evaluation).
+Beside it, the start-up peak: fp32 weights + gradient buffer + optimizer state without the owned masters
+(built from the fp32 weights, they are those weights until the cast) + one largest matrix in the compute
+dtype while the cast runs.
+
+`lipnext_scale/dryrun.py` (tools/plan_memory.py --dry-run) runs one real step of a recipe at its real shape
+and world size with fake tensors and reports torch's MemTracker peak of each phase beside these figures.
 A reserve (default 10% of the GPU) is kept for the CUDA context, cuBLAS/NCCL workspaces, DALI's decoder
 buffers and allocator fragmentation, none of which is modelled.
 """
@@ -176,12 +185,13 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
 def step_transient(params: dict, world_size: int, b: int) -> int:
     segment = params["segment"]
     reduced = segment * 4 if world_size > 1 else 0
+    norm = 2 * segment * 8  # `mine.double().square()` before the sum (tools/plan_memory.py --dry-run)
     update = UPDATE_TEMPORARIES * params["largest_matrix"] * 8
     gather = params["segment"] * world_size * b + (segment * b if world_size > 1 else 0)
-    return reduced + max(update, gather)
+    return reduced + max(norm, update, gather)
 
 
-def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: int) -> dict:
+def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: int, world_size: int) -> dict:
     """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
     _, width = SIZES[model.size]
     n = batch * (model.image_size // model.patch) ** 2
@@ -191,15 +201,18 @@ def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: 
     # margins.
     mix = width * width * 4 if fuse_second_mix(n, width) else n * width * 4
     head = mix + c * c * 8 + 2 * batch * c * 4
-    forward = batch * 3 * model.image_size**2 * 4 + int(alive * n * width * 4) + head
+    images = batch * 3 * model.image_size**2 * 4
+    stem = 2 * images + n * width * 4  # centred images, their patch copy, the embedding
+    forward = images + max(stem, int(alive * n * width * 4)) + head
     bound = 2 * params["largest_matrix"] * 8
+    gather = params["segment"] * 4 if world_size > 1 else 0  # the all-gather's input copy of this rank's part
     fp32_copy = params["grad_buffer"] if accumulation > 1 else 0
     return {
         "batch": batch,
         "fp32_copy": fp32_copy,
         "forward": forward,
         "bound": bound,
-        "extra": fp32_copy + max(forward, bound),
+        "extra": fp32_copy + max(forward, bound, gather),
     }
 
 
@@ -211,6 +224,17 @@ def recomputed_blocks(depth: int, checkpointing: int) -> int:
 def peak_bytes(params: dict, activations: dict, step: int) -> int:
     static = params["weights"] + params["grad_buffer"] + max(params["optimizer_per_rank"])
     return static + max(activations["peak"] + params["transient_grads"], step)
+
+
+def startup_peak(params: dict, b: int) -> int:
+    """Peak while the trainer starts: fp32 weights, the gradient buffer and the optimizer state, whose owned
+    masters *are* those fp32 weights (the optimizer is built before the cast), plus, while the cast runs, one
+    parameter in both dtypes (≤ the largest matrix); after the cast, the training static bytes."""
+    state = max(params["optimizer_per_rank"])
+    before_cast = params["params"] * 4 + params["grad_buffer"] + state
+    if b < 4:
+        before_cast += params["largest_matrix"] * b - params["optimizer_by_key_largest_rank"].get("master", 0)
+    return max(before_cast, params["weights"] + params["grad_buffer"] + state)
 
 
 def largest_micro_batch(recipe: Recipe, params: dict, step: int, b: int, ck: int, usable: int, limit=1 << 20):
@@ -243,7 +267,7 @@ def plan(
     step = step_transient(params, world_size, b)
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
     accumulation = max(1, recipe.data.batch_size // (micro * world_size))
-    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params, accumulation)
+    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params, accumulation, world_size)
     between = max(step, evaluation["extra"])  # phases between forward/backward passes
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
@@ -272,7 +296,7 @@ def plan(
         chosen = asked
     act = activation_plan(recipe.model, recipe.train.loss, micro, b, chosen)
     peak = peak_bytes(params, act, between)
-    init = params["params"] * 4 + params["grad_buffer"] + max(params["optimizer_per_rank"])
+    init = startup_peak(params, b)
     return {
         "size": recipe.model.size,
         "compute_dtype": str(dtype).removeprefix("torch."),

@@ -2,14 +2,20 @@
 """Per-rank GPU memory of a recipe under the sharded manifold optimizer; the largest micro-batch that fits.
 
     python tools/plan_memory.py RECIPE.yaml --gpus N [--nodes K] [--gpu-memory-gib 80] [--reserve 0.1]
-                                [--json] [section.key=value ...]
+                                [--dry-run [--rank R]] [--json] [section.key=value ...]
 
 What is counted and how: `lipnext_scale/memory_plan.py`. Nothing is allocated (meta device).
+
+--dry-run also runs one real training step of the recipe at its real shape and world size with fake tensors
+and torch's fake process group, and prints the per-rank peak that torch's MemTracker sees in each phase
+beside the plan's figure (`lipnext_scale/dryrun.py`): seconds and a few hundred MB of host memory at 2B, no
+GPU. The rank simulated is the one with the most optimizer state, unless --rank names another.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lipnext_scale.config import load_recipe  # noqa: E402
+from lipnext_scale.dryrun import CATEGORIES, DryRun, dry_run  # noqa: E402
 from lipnext_scale.memory_plan import GIB, plan  # noqa: E402
 
 
@@ -70,7 +77,7 @@ def format_plan(p: dict, title: str = "") -> str:
             p["evaluation"]["extra"],
         ),
         row("PEAK", p["peak"], f"   {verdict} in {p['usable'] / GIB:.1f} usable"),
-        row("(start-up peak: fp32 weights + buffer + state, before the cast)", p["init_peak"]),
+        row("(start-up peak: fp32 weights + buffer + state, during the cast)", p["init_peak"]),
         "",
         f"act. checkpointing | act. peak GiB | peak GiB @ micro {p['micro_batch']:<4} | fits | "
         "largest micro-batch | largest dividing batch/ranks",
@@ -85,6 +92,35 @@ def format_plan(p: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def format_dry_run(r: DryRun) -> str:
+    shown = [c for c in CATEGORIES if c != "Buffer" or any(p.at_peak.get(c) for p in r.phases)]
+    head = "".join(f"{c[:10]:>11}" for c in shown)
+    lines = [
+        f"dry run: one training step faked (FakeTensorMode on cpu, fake process group), rank {r.rank} of "
+        f"{r.world_size}, micro-batch {r.micro_batch}"
+        + (f" x {r.accumulation} accumulated" if r.accumulation > 1 else "")
+        + f", {r.compute_dtype}, {r.seconds:.0f} s",
+        "",
+        f"  {'per rank, GiB':<16}{'MemTracker':>11}{'plan':>8}{'ratio':>7}{'host reads':>11}"
+        f"   at the peak:{head}",
+    ]
+    for p in r.phases:
+        cats = "".join(f"{p.at_peak.get(c, 0) / GIB:11.2f}" for c in shown)
+        lines.append(
+            f"  {p.name:<16}{p.peak / GIB:11.2f}{p.planned / GIB:8.2f}{p.ratio:7.3f}{p.host_reads:11d}"
+            f"{'':>15}{cats}"
+        )
+    lines += [
+        f"  {'PEAK':<16}{r.peak / GIB:11.2f}{r.plan['peak'] / GIB:8.2f}{r.ratio:7.3f}"
+        "   (micro-batch, optimizer step, evaluation; start-up beside it, as in the plan)",
+        "",
+        *(f"  {c}: {CATEGORIES[c]}" for c in shown),
+        "  start-up: everything is made inside the tracker there, so its peak counts it all as Activation.",
+        "  host reads: .item()/bool()/.tolist() of a device tensor (a GPU sync), answered by the dry run.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,14 +132,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--reserve", type=float, default=0.10, help="fraction kept free (default 0.10)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--dry-run", action="store_true", help="also run one step faked: MemTracker's peaks")
+    parser.add_argument("--rank", type=int, default=None, help="rank to simulate (default: the largest)")
     args = parser.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    result = plan(recipe, args.gpus * args.nodes, args.gpu_memory_gib, args.reserve)
+    world_size = args.gpus * args.nodes
+    result = plan(recipe, world_size, args.gpu_memory_gib, args.reserve)
     result.update(recipe=args.recipe, overrides=args.overrides, gpus=args.gpus, nodes=args.nodes)
+    if args.rank is not None and not 0 <= args.rank < world_size:
+        parser.error(f"--rank {args.rank}: ranks are 0..{world_size - 1}")
+    faked = dry_run(recipe, world_size, args.recipe, rank=args.rank) if args.dry_run else None
     if args.json:
+        if faked:
+            result["dry_run"] = {
+                **{k: v for k, v in dataclasses.asdict(faked).items() if k != "plan"},
+                "peak": faked.peak,
+                "ratio": faked.ratio,
+            }
         print(json.dumps(result, indent=2))
-    else:
-        print(format_plan(result, f"{args.recipe}  {args.nodes} node(s) × {args.gpus} GPUs\n"))
+        return
+    print(format_plan(result, f"{args.recipe}  {args.nodes} node(s) × {args.gpus} GPUs\n"))
+    if faked:
+        print("\n" + format_dry_run(faked))
 
 
 if __name__ == "__main__":
