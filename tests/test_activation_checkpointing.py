@@ -58,17 +58,63 @@ def test_checkpointing_is_bit_identical(reference, every):
         assert torch.equal(grad, reference["grads"][name]), name
 
 
+def count_compiled_calls(model) -> list:
+    """Wraps each block's compiled forward (what `Module.compile` installed) to count the calls that reach it:
+    a block called some other way (e.g. `checkpoint(block.forward, …)`) runs eager and is not counted."""
+    calls = []
+    for block in model.blocks:
+        compiled = block._compiled_call_impl
+        assert compiled is not None, "model.compile=true must compile every block"
+
+        def counted(*args, _compiled=compiled, **kwargs):
+            calls.append(1)
+            return _compiled(*args, **kwargs)
+
+        block._compiled_call_impl = counted
+    return calls
+
+
 @pytest.mark.parametrize("every", [0, 1])
 def test_compiled_blocks_match_within_1e6(reference, every):
-    frames = counters["frames"]["ok"]
     model = build("model.compile=true", f"model.activation_checkpointing={every}", state=reference["state"])
+    calls = count_compiled_calls(model)
     loss, grads = loss_and_grads(model, reference["images"], reference["labels"])
 
-    assert all(block._compiled_call_impl is not None for block in model.blocks)
-    assert counters["frames"]["ok"] > frames or every == 1  # the second case reuses the compiled blocks
+    # Dynamo compiled the block (in this case, or in the first one: all blocks share one code object), and
+    # every block ran that compiled code: once forward, and once more in backward where it is checkpointed.
     assert counters["frames"]["ok"] >= 1
+    depth = len(model.blocks)
+    assert len(calls) == depth + (depth if every == 1 else 0)
     assert abs(loss - reference["loss"]) <= 1e-6 * max(1.0, abs(reference["loss"].item()))
     for name, grad in grads.items():
         ref = reference["grads"][name]
         # Rounding of re-ordered fp32 reductions: relative to the tensor's scale.
         assert (grad - ref).abs().max() <= 1e-6 * ref.abs().max(), name
+
+
+def test_compiled_blocks_certify_like_eager_blocks(reference, tmp_path):
+    """The evaluation and certification path (eval mode, no autograd): a recipe with model.compile=true,
+    saved and reloaded as tools/certify.py does, gives the eager model's logits and certificates."""
+    from lipnext_scale.certify import certified_radius, head_pair_distances
+    from lipnext_scale.pretrained import load_pretrained, save_pretrained
+
+    eager = build(state=reference["state"]).eval()
+    recipe = load_recipe(QUICKSTART, [*SMALL, "model.compile=true"])
+    save_pretrained(tmp_path / "model.safetensors", reference["state"], recipe)
+    models = {"built": build("model.compile=true", state=reference["state"]).eval()}
+    models["reloaded"] = load_pretrained(tmp_path / "model.safetensors")
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    distances = head_pair_distances(eager)
+    closest = distances[distances > 0].min()
+    with torch.no_grad():
+        ref_logits = eager(images)
+        ref_radius, ref_pred = certified_radius(eager, ref_logits)
+        for how, model in models.items():
+            logits = model(images)
+            radius, pred = certified_radius(model, logits)
+            # fp32 rounding of re-ordered reductions only: 1e-6 of the logits' scale. A radius is a margin
+            # (two logits) over L·‖w_i − w_j‖ with L ≥ 1, so it moves by at most 2·that / min ‖w_i − w_j‖.
+            tol = 1e-6 * ref_logits.abs().max()
+            assert (logits - ref_logits).abs().max() <= tol, how
+            assert torch.equal(pred, ref_pred), how
+            assert (radius - ref_radius).abs().max() <= 2 * tol / closest, how

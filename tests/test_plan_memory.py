@@ -234,7 +234,29 @@ def test_billion_parameter_recipes_fit_80gb_gpus(recipe_name, gpus, nodes):
     p = json.loads(out.stdout)
     assert p["world_size"] == gpus * nodes and p["compute_dtype"] == "bfloat16"
     assert p["micro_batch"] == 1024 // (gpus * nodes) and p["micro_batch_valid"]
-    assert p["fits"] and p["peak"] <= 0.9 * 80 * GIB
+    # "fits" is the planner's own verdict. Checked here without the planner: the part of the peak that is
+    # certain, counted from the model itself: bf16 weights, the full fp32 gradient buffer, the largest rank's
+    # share of 16 B per matrix entry (fp32 master, two Adam moments, Lookahead slow copy) and one bf16 block
+    # input per block (what full activation checkpointing keeps; less checkpointing keeps more). The plan must
+    # count at least that and, with it, stay under 90% of 80 GiB. (Whether a real step stays under the plan
+    # is for the fake-tensor dry run and, on a GPU, tools/gpu_checks.py.)
+    recipe = load_recipe(REPO / "recipes" / recipe_name)
+    with torch.device("meta"):
+        model = build_model(recipe)
+    params = sum(t.numel() for t in model.parameters())
+    matrices = sum(t.numel() for _, t in model.orthogonal_parameters())
+    m = recipe.model
+    tokens = (m.image_size // m.patch) ** 2
+    width = model.blocks[0].R.shape[0]
+    certain = {
+        "weights": 2 * params,
+        "grad_buffer": 4 * params,
+        "optimizer": 16 * matrices / p["world_size"],
+        "block_inputs": len(model.blocks) * p["micro_batch"] * tokens * width * 2,
+    }
+    assert p["params"] == params
+    assert sum(certain.values()) <= p["peak"] <= 0.9 * 80 * GIB, (certain, p["peak"])
+    assert p["fits"]
     # Sharding by whole matrices: each rank holds at most 1/N of the state plus one matrix's state.
     assert max(p["optimizer_per_rank"]) <= p["optimizer_unsharded"] / p["world_size"] + p["largest_state"]
     assert max(p["optimizer_per_rank"]) < 3 * GIB

@@ -46,7 +46,12 @@ def test_metrics_log_every_step_record_with_orthogonality_below_1e5(trained_quic
     assert plan["peak_gib"] >= static + plan["activation_peak_gib"] > static > 0
     assert all(r["planned_peak_gib"] == plan["peak_gib"] for r in steps)
     assert all(r["peak_memory_gib"] > plan["peak_gib"] for r in steps)  # RSS: the plan plus the process
-    assert steps[-1]["loss"] < steps[0]["loss"]
+    # Training learns: seen 3.58 at step 5 and 0.26-0.28 over the last three records (2-core CPU, torch 2.13);
+    # a quarter leaves 3x room for another torch's rounding, and an untrained or broken run stays near 2.3.
+    first, last = steps[0]["loss"], [r["loss"] for r in steps[-3:]]
+    assert sum(last) / 3 <= 0.25 * first, (first, last)
+    # ... and so does held-out accuracy: 0.42 after the first epoch, about 0.9 after the last.
+    assert evals[-1]["eval"]["clean_acc"] >= evals[0]["eval"]["clean_acc"] + 0.3
 
 
 def test_saved_weights_reload_to_the_same_certificates(trained_quickstart):
@@ -62,9 +67,35 @@ def test_saved_weights_reload_to_the_same_certificates(trained_quickstart):
     saved = json.loads((trained_quickstart / "eval.json").read_text())
     assert reloaded["clean_acc"] == saved["clean_acc"]
     assert [r["cra"] for r in reloaded["cra"]] == [r["cra"] for r in saved["cra"]]
-    images, _ = next(iter(loader))
-    radius, pred = certified_radius(model, model(images))
-    assert radius.shape == pred.shape == (len(images),)
+    # The bound is sound for the saved weights: at least the product of the exact spectral norms of every
+    # orthogonal use (float64 SVD), and it is the one eval.json reports.
+    exact = 1.0
+    for w in model.orthogonal_uses():
+        exact *= torch.linalg.matrix_norm(w.detach().double(), ord=2).item()
+    assert exact <= model.lipschitz_bound() == saved["lipschitz_bound"] < 1.001
+    # certified_radius against the certificate computed here from its definition: for the predicted class
+    # ŷ, min over j ≠ ŷ of (z_ŷ − z_j) / (L·‖w_ŷ − w_j‖), in float64 from the same logits; and eval.json's
+    # accuracy and CRA counted again from those radii.
+    w = model.head.normalized_weight().detach().double()
+    hits, total = torch.zeros(len(saved["cra"]), dtype=torch.long), 0
+    correct = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(images)
+            radius, pred = certified_radius(model, logits)
+            z = logits.double()
+            assert torch.equal(pred, z.argmax(1))
+            margins = z.gather(1, pred[:, None]) - z
+            distances = torch.linalg.vector_norm(w[pred][:, None] - w[None], dim=2)  # explicit differences
+            ratios = (margins / (saved["lipschitz_bound"] * distances)).scatter(1, pred[:, None], torch.inf)
+            expected = ratios.amin(1)
+            assert torch.allclose(radius, expected, rtol=1e-9, atol=0), (radius, expected)
+            hit = pred == labels
+            correct += int(hit.sum())
+            hits += torch.tensor([int((hit & (expected > row["eps"])).sum()) for row in saved["cra"]])
+            total += len(labels)
+    assert total == saved["num_samples"] and correct / total == saved["clean_acc"]
+    assert [int(h) / total for h in hits] == [r["cra"] for r in saved["cra"]]
 
 
 def test_certification_refuses_bf16_weights(trained_quickstart):
@@ -128,7 +159,11 @@ def test_bf16_compute_keeps_fp32_masters_and_saves_fp32(tmp_path, trained_quicks
     # The bf16 copies are rounded masters, not independent weights.
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.data, masters[name].to(torch.bfloat16)), name
-    assert {p.dtype for p in load_pretrained(tmp_path / "model.safetensors").parameters()} == {torch.float32}
+    # The saved file holds the masters themselves, bit for bit, not the bf16 copies widened back to fp32.
+    saved = load_pretrained(tmp_path / "model.safetensors").state_dict()
+    assert saved.keys() == masters.keys()
+    for name, master in masters.items():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], master), name
 
 
 def test_run_records_itself_and_logs_to_wandb_offline(tmp_path, digits_root, monkeypatch):
