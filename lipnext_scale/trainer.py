@@ -403,6 +403,9 @@ class Trainer:
                         wait=f"{stats['data_wait_share']:.0%}",
                         mem=f"{stats['peak_memory_gib']:.1f}G/plan {stats['planned_peak_gib']:.1f}G",
                     )
+                if self.step >= self.total_steps:  # the final weights leave exactly re-orthogonalised
+                    self.optimizer.reorthogonalize_masters()
+                    self.optimizer.broadcast_weights()
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:

@@ -38,6 +38,7 @@ from lipnext_scale.optim.fastexp import (
     series_factor,
     spectral_bound,
 )
+from lipnext_scale.optim.fastexp import read_scalars as manifold_read
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -251,6 +252,24 @@ def test_reorthogonalisation_every_k_steps_removes_a_defect():
             p.data[:, 0] *= 1.001
 
 
+def test_reorthogonalize_masters_ends_a_run_at_the_fresh_level():
+    torch.manual_seed(24)
+    r, e = square_and_tall(seed=24)
+    opt = ManifoldOptimizer(
+        [("r", r, "orthogonal"), ("e", e, "stiefel")], hyper(lr=1e-2, lookahead_k=5, reorthogonalize_every=0)
+    )
+    for _ in range(300):
+        r.grad, e.grad = torch.randn_like(r), torch.randn_like(e)
+        opt.step()
+    state = opt.state[r]
+    drifted = torch.linalg.matrix_norm(gram_defect(state["master"])).item()
+    opt.reorthogonalize_masters()
+    for p in (r, e):
+        assert torch.equal(p.detach(), opt.state[p]["master"])
+    for x in (state["master"], state["slow"], opt.state[e]["master"]):
+        assert torch.linalg.matrix_norm(gram_defect(x)).item() <= 4e-7 < drifted / 2, drifted
+
+
 def perturbed(shape: tuple[int, int], singular_defects: list[float], seed: int) -> torch.Tensor:
     """A float64 matrix with orthonormal-but-for-`singular_defects` columns: σ_i² = 1 + d_i."""
     g = torch.Generator().manual_seed(seed)
@@ -321,6 +340,59 @@ def test_polar_in_float32_is_orthonormal():
     x = perturbed((20, 20), [0.2, -0.1], seed=6).float()
     y = polar(x)
     assert y.dtype == torch.float32 and defect(y) <= 1e-6
+
+
+def test_one_host_read_per_step_for_all_matrices(monkeypatch):
+    """The retraction plans of every owned matrix (Lookahead syncs and re-orthogonalisations included) come
+    from one `read_scalars` per step, and nothing else reads a tensor on the host (.item(), bool())."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lipnext_scale.optim.manifold as manifold
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    reads = []
+    monkeypatch.setattr(manifold, "read_scalars", lambda xs: reads.append(len(xs)) or manifold_read(xs))
+    torch.manual_seed(22)
+    params = [torch.nn.Parameter(random_orthogonal(16, 16)) for _ in range(3)]
+    params += [torch.nn.Parameter(random_orthogonal(20, 6)), torch.nn.Parameter(torch.zeros(5))]
+    kinds = ["orthogonal"] * 3 + ["stiefel", "euclidean"]
+    opt = ManifoldOptimizer(
+        [(f"p{i}", p, k) for i, (p, k) in enumerate(zip(params, kinds))],
+        hyper(lr=1e-2, lookahead_k=2, reorthogonalize_every=3),
+    )
+    with HostReads():
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+    assert HostReads.count == 0
+    # Scalars per step: 2 per orthogonal matrix (+2 at syncs; at re-orthogonalisations +1 for the slow
+    # weights and +1 for the master unless the sync overwrites it), 1 for the stem (+1 at syncs).
+    assert reads == [7, 3 * 4 + 2, 3 * 2 + 1 + 3 * 2, 3 * 4 + 2, 7, 3 * 4 + 2 + 3]
+
+
+def test_stem_steps_and_lookahead_need_no_svd(monkeypatch):
+    """At a realistic lr the stem's polar factors (every step, and at Lookahead syncs) come from
+    Newton–Schulz: the defect bounds are tight enough to stay under its limit."""
+    import lipnext_scale.optim.manifold as manifold
+
+    svds = []
+    monkeypatch.setattr(manifold, "polar", lambda y: svds.append(y.shape) or polar(y))
+    torch.manual_seed(23)
+    w = torch.nn.Parameter(random_orthogonal(768, 192))
+    opt = ManifoldOptimizer([("w", w, "stiefel")], hyper(lr=1e-3, lookahead_k=5))
+    for _ in range(10):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert svds == []
+    assert defect(opt.state[w]["master"]) <= 1e-6
 
 
 # ----------------------------------------------------------------------------- convergence

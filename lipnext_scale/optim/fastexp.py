@@ -156,8 +156,9 @@ def retraction_orders(bounds: list[float] | None, count: int) -> list[SeriesPlan
 WORST_CASE_NORM = 16.0
 
 
-def series_factor(a: torch.Tensor, a2: torch.Tensor, plan: SeriesPlan) -> torch.Tensor:
-    """T_k(A/2^s)^(2^s) from A and A² (in their dtype); `plan.products` − 1 further products."""
+def series_factor(a: torch.Tensor, a2: torch.Tensor, plan: SeriesPlan, mm=torch.matmul) -> torch.Tensor:
+    """T_k(A/2^s)^(2^s) from A and A² (in their dtype); `plan.products` − 1 further products, by `mm`
+    (tools/bench_optimizer.py passes an emulation of tensor-core products)."""
     k, s = plan.order, plan.squarings
     if s:
         a, a2 = a / 2**s, a2 / 4**s
@@ -171,9 +172,9 @@ def series_factor(a: torch.Tensor, a2: torch.Tensor, plan: SeriesPlan) -> torch.
     m = k // 2
     acc = pair(m - 1).add_(a2, alpha=coef[k])
     for j in range(m - 2, -1, -1):
-        acc = pair(j).add_(a2 @ acc)
+        acc = pair(j).add_(mm(a2, acc))
     for _ in range(s):
-        acc = acc @ acc
+        acc = mm(acc, acc)
     return acc
 
 
