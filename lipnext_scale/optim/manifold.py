@@ -134,10 +134,6 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         for param, _ in pairs:
             self.write_back(param)
 
-    def update_parameter(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        """One step of `param`'s master; `update_parameters` does many with one host sync."""
-        self.update_parameters([(param, grad)])
-
     def update_parameters(self, pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
         """One step of each parameter's master from its (fp32, already averaged and clipped) gradient.
 
@@ -203,38 +199,39 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         step = skew(-lr * self._adam_direction(state, omega))  # skew already; re-skewing removes rounding
         if "step_sum" in state:
             state["step_sum"].add_(step)
-        factors = [step.to(dt)]
+        # Held across the host read for every owned matrix, so kept lean: the steps in fp32 (exactly the
+        # float64 values) and their squares in float64, one W×W each per factor.
+        factors = [step]
         if sync:
             # Lookahead: the fast weights moved by ≈ exp(ΣA) since the last sync; the slow ones go α of
             # that way along the manifold rather than by averaging, which would leave the group.
-            factors.append((h.lookahead_alpha * state["step_sum"]).to(dt))
-        squares = [a @ a for a in factors]
+            factors.append(h.lookahead_alpha * state["step_sum"])
+        squares = [a.to(dt) @ a.to(dt) for a in factors]
         scalars = [n for a, a2 in zip(factors, squares) for n in (matrix_norm(a2), matrix_norm(a))]
         # Re-orthogonalisation must reach what the next steps build on. Under Lookahead each sync overwrites
         # the master with the slow weights, so those are re-orthogonalised (a master about to be overwritten
         # is not); the master too when this step is not a sync. Done before this step's products, so the
-        # decision shares the step's host sync; the result carries one step's fp32 rounding.
+        # decision shares the step's host read; the result carries one step's fp32 rounding.
         lookahead = "slow" in state
         keys = []
         if reorth:
             keys = ["slow"] if lookahead else []
             keys += [] if lookahead and sync else ["master"]
-        grams = {k: state[k].double() for k in keys}
-        defects = {k: gram_minus_identity(y) for k, y in grams.items()}
+        defects = {k: gram_minus_identity(state[k].double()) for k in keys}
         scalars += [matrix_norm(d) for d in defects.values()]
 
         def finish(values: list[float] | None) -> None:
             width, n, bounds = x.shape[-1], len(factors), None
             if values is not None:
                 bounds = [spectral_bound(values[2 * i], values[2 * i + 1], width) for i in range(n)]
-            plans = retraction_orders(bounds, len(factors))
+            plans = retraction_orders(bounds, n)
             for i, k in enumerate(keys):
                 bound = None if values is None else values[2 * n + i]
-                state[k].copy_(self._polar(grams[k], defects[k], bound))
-            x.copy_((x.to(dt) @ series_factor(factors[0], squares[0], plans[0])).float())
+                state[k].copy_(self._polar(state[k].double(), defects[k], bound))
+            x.copy_((x.to(dt) @ series_factor(factors[0].to(dt), squares[0], plans[0])).float())
             if sync:
                 slow = state["slow"]
-                slow.copy_((slow.to(dt) @ series_factor(factors[1], squares[1], plans[1])).float())
+                slow.copy_((slow.to(dt) @ series_factor(factors[1].to(dt), squares[1], plans[1])).float())
                 x.copy_(slow)
                 state["step_sum"].zero_()
 
