@@ -18,7 +18,7 @@ def test_gpu_checks_smoke_runs_every_check_and_keeps_its_logs_small(tmp_path: Pa
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (logs / "summary.txt").read_text().splitlines()
-    names = ["env", "block_1b", "block_2b", "data", "quickstart", "memory_1b"]
+    names = ["env", "block_1b", "block_2b", "data", "quickstart", "optimizer", "memory_1b"]
     assert [line.split()[0] for line in summary] == names
     assert all(line.split()[1] == "ok" for line in summary)
     assert "planned peak" in summary[-1] and "measured" in summary[-1]
@@ -27,6 +27,7 @@ def test_gpu_checks_smoke_runs_every_check_and_keeps_its_logs_small(tmp_path: Pa
     assert "non-matmul share" in (logs / "block_1b.log").read_text()
     assert "dali/wds:" in (logs / "data.log").read_text()
     assert "Lipschitz bound of the backbone" in (logs / "quickstart.log").read_text()
+    assert "projected at the GPU rates" in (logs / "optimizer.log").read_text()
 
 
 def test_gpu_checks_report_a_failing_check_and_go_on(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of the manifold optimizer step per owned matrix, by dtype, against the same rank's model FLOPs.
 
-    python tools/bench_optimizer.py [--widths 512 1024] [--steps 5] [--emulate-steps 0]
+    python tools/bench_optimizer.py [--widths 512 1024] [--steps 5] [--emulate-steps 0] [--device cpu]
 
 1. Measured (this machine): the real `ManifoldOptimizer` step on one W×W orthogonal matrix and one stem
    matrix (in1k shape, 3·16² = 768 columns), random gradients at lr 1e-3, Lookahead k = 5 (one sync in
@@ -93,23 +93,25 @@ def seconds(flops: dict, rates: dict = RATES) -> float:
 # ----------------------------------------------------------------------------- measured
 
 
-def measure(rows: int, cols: int, steps: int) -> tuple[float, dict, list]:
+def measure(rows: int, cols: int, steps: int, device: torch.device) -> tuple[float, dict, list]:
     """Median seconds per step (`steps` steps), and product FLOPs per step by dtype averaged over one
     Lookahead period (k steps, one sync), of the real optimizer on one matrix."""
     torch.manual_seed(0)
     kind = "orthogonal" if rows == cols else "stiefel"
-    w = torch.nn.Parameter(random_orthogonal(rows, cols))
+    w = torch.nn.Parameter(random_orthogonal(rows, cols).to(device))
     hyper = ManifoldHyper(lr=LR, euclidean_lr=LR, lookahead_k=LOOKAHEAD_K, reorthogonalize_every=0)
     opt = ManifoldOptimizer([("w", w, kind)], hyper)
-    grads = [torch.randn(rows, cols) for _ in range(max(steps, LOOKAHEAD_K))]
+    grads = [torch.randn(rows, cols, device=device) for _ in range(max(steps, LOOKAHEAD_K))]
     w.grad = grads[0]
     opt.step()  # warm-up (and the planner's one-off table)
     opt.step_count = 0
     times = []
     for g in grads[:steps]:
         w.grad = g
+        synchronize(device)
         start = time.perf_counter()
         opt.step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     counter = ProductCounter()
     opt.step_count = 0
@@ -119,6 +121,11 @@ def measure(rows: int, cols: int, steps: int) -> tuple[float, dict, list]:
             opt.step()
     flops = {dtype: f / LOOKAHEAD_K for dtype, f in counter.flops.items()}
     return statistics.median(times), flops, sorted(counter.other)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measured_bound(width: int) -> float:
@@ -260,14 +267,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--emulate-steps", type=int, default=0)
     parser.add_argument("--emulate-width", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="where the measured steps run (cuda on a GPU)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = torch.device(args.device)
+    if device.type == "cuda":  # the step's fp32 products in IEEE fp32, as the trainer leaves them
+        torch.backends.cuda.matmul.allow_tf32 = False
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU, {torch.get_num_threads()} threads"
 
-    print(f"1. measured on this machine ({torch.get_num_threads()} threads), median of {args.steps} steps")
+    print(f"1. measured on this machine ({where}), median of {args.steps} steps")
     print("   matrix          ms/step   GFLOP/step by dtype (counted)            projected plan")
     for width in args.widths:
         for rows, cols in ((width, width), (max(width, STEM_COLUMNS), min(width, STEM_COLUMNS))):
-            sec, flops, other = measure(rows, cols, args.steps)
+            sec, flops, other = measure(rows, cols, args.steps, device)
             line = f"   {rows:>5} x {cols:<5}  {sec * 1e3:8.1f}   {fmt_flops(flops):40s}"
             if rows == cols:
                 proj = square_step_flops(width)

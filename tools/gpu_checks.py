@@ -10,6 +10,8 @@ Runs, in order (each a subprocess with its own time limit; a failure is reported
     block_2b    tools/bench_block.py recipes/in1k_2b.yaml --micro-batch 64
     data        sample photos → shards → tools/bench_data.py --device cuda: DALI GPU decoding vs PIL
     quickstart  lipnext_scale/train.py recipes/quickstart.yaml on the GPU: accuracy, CRA, time
+    optimizer   tools/bench_optimizer.py --device cuda at W = 4096 and 5760: the optimizer step per
+                matrix, measured, beside its projection
     memory_1b   3 steps of recipes/in1k_1b.yaml on this one GPU (micro-batch 64) on the data check's
                 sample-photo shards: the trainer's measured peak memory beside its memory plan
 
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKS = ("env", "block_1b", "block_2b", "data", "quickstart", "memory_1b")
+CHECKS = ("env", "block_1b", "block_2b", "data", "quickstart", "optimizer", "memory_1b")
 LIMIT_S = {"memory_1b": 420.0}  # seconds; 240 for the others
 ENV_PROBE = """
 import importlib, torch
@@ -86,6 +88,8 @@ def commands(work: Path, smoke: bool) -> dict[str, list[list[str]]]:
             [py, "tools/bench_data.py", str(train_manifest), "--augment", "rrc_flip", "--image-size",
              "224", *data_args],
         ],
+        "optimizer": [[py, "tools/bench_optimizer.py", "--device", "cpu" if smoke else "cuda", "--widths",
+                       *(["64"] if smoke else ["4096", "5760"]), "--steps", "1" if smoke else "3"]],
         "quickstart": [[py, "lipnext_scale/train.py", "recipes/quickstart.yaml",
                         f"run.output_dir={work / 'quickstart'}", *quick]],
         "memory_1b": [[py, "lipnext_scale/train.py", "recipes/in1k_1b.yaml", *tiny, *memory,
