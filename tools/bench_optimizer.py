@@ -2,6 +2,7 @@
 """Cost of the manifold optimizer step per owned matrix, by dtype, against the same rank's model FLOPs.
 
     python tools/bench_optimizer.py [--widths 512 1024] [--steps 5] [--emulate-steps 0] [--device cpu]
+    python tools/bench_optimizer.py --drift recipes/quickstart.yaml [--drift-steps 920]
 
 1. Measured (this machine): the real `ManifoldOptimizer` step on one W×W orthogonal matrix and one stem
    matrix (in1k shape, 3·16² = 768 columns), random gradients at lr 1e-3, Lookahead k = 5 (one sync in
@@ -14,6 +15,8 @@
 3. With --emulate-steps N: orthogonality over N steps when the step's products run on TF32 or bf16 tensor
    cores, EMULATED on the CPU by rounding each product's inputs to 10 (TF32) or 7 (bf16) mantissa bits
    and accumulating in fp32, with Newton–Schulz re-orthogonalisation in float64 every 100 steps.
+4. With --drift RECIPE (alone): the recipe's model and optimizer over --drift-steps steps (random
+   gradients): the Lipschitz bound as fp32 rounding accumulates, and after the final re-orthogonalisation.
 """
 
 from __future__ import annotations
@@ -251,6 +254,35 @@ def emulate(width: int, steps: int, precision: str) -> dict:
     }  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- drift on a recipe's model
+
+
+def recipe_drift(recipe_path: str, steps: int) -> list[tuple[int, float, float]]:
+    """The recipe's optimizer (its hyperparameters, warm-up + cosine) on the recipe's model for `steps` steps
+    with random gradients — orthogonality does not depend on what the gradients are — then the final
+    re-orthogonalisation the trainer does: (step, Lipschitz bound, max |XᵀX − I|) along the way."""
+    from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
+    from lipnext_scale.config import load_recipe
+    from lipnext_scale.pretrained import build_model
+
+    recipe = load_recipe(recipe_path, [])
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    opt = ManifoldOptimizer(named_parameters_with_kinds(model), manifold_hyper(recipe))
+    warmup = steps // 20
+    out = []
+    for step in range(1, steps + 1):
+        opt.set_lr_factor(lr_schedule(step - 1, warmup, steps))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if step % (steps // 4) == 0 or step == steps:
+            out.append((step, model.lipschitz_bound(), model.orthogonality_error()))
+    opt.reorthogonalize_masters()
+    out.append((-1, model.lipschitz_bound(), model.orthogonality_error()))
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -268,6 +300,8 @@ def main() -> None:
     parser.add_argument("--emulate-steps", type=int, default=0)
     parser.add_argument("--emulate-width", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="where the measured steps run (cuda on a GPU)")
+    parser.add_argument("--drift", metavar="RECIPE", help="only: the recipe model's bound over --drift-steps")
+    parser.add_argument("--drift-steps", type=int, default=920)
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":  # the step's fp32 products in IEEE fp32, as the trainer leaves them
@@ -275,6 +309,13 @@ def main() -> None:
         where = torch.cuda.get_device_name(device)
     else:
         where = f"CPU, {torch.get_num_threads()} threads"
+
+    if args.drift:
+        print(f"{args.drift}: {args.drift_steps} optimizer steps, random gradients, the recipe's optimizer")
+        for step, bound, error in recipe_drift(args.drift, args.drift_steps):
+            when = f"step {step:>5}" if step > 0 else "re-orthogonalised at the end"
+            print(f"   {when}: Lipschitz bound {bound:.7f}, max |XᵀX − I| {error:.2e}")
+        return
 
     print(f"1. measured on this machine ({where}), median of {args.steps} steps")
     print("   matrix          ms/step   GFLOP/step by dtype (counted)            projected plan")
