@@ -12,8 +12,9 @@ T_kᵀT_k − I = Σ_n c_n A^n with c_n = Σ_{i+j=n, i,j≤k} (−1)^i/(i!·j!):
 the defect is at most (1 + δ)^(2^s) − 1, δ the defect of the factor (TᵀT commutes with T). ρ is bounded
 without an eigenvalue solver: the eigenvalues of a skew A come in pairs ±iθ, so ‖A²‖_F² = Σ|λ|⁴ ≥ 2ρ⁴, and
 A² is needed by the series anyway. With the float64 rounding of A² added (≤ W·2⁻⁵³·‖A‖_F², elementwise),
-ρ ≤ ((‖fl(A²)‖_F + W·2⁻⁵³·‖A‖_F²)² / 2)^(1/4). Every plan guarantees a defect ≤ DEFECT_TARGET per step in
-exact arithmetic; float64 rounding adds ~W·2⁻⁵³ (< 1e-12 for W ≤ 5760).
+ρ ≤ ((‖fl(A²)‖_F + W·2⁻⁵³·‖A‖_F²)² / 2)^(1/4), times the norm's own summation error (`spectral_bound`).
+Every plan guarantees a defect ≤ DEFECT_TARGET per step in exact arithmetic; float64 rounding adds
+~W·2⁻⁵³ (< 1e-12 for W ≤ 5760).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def _plans_by_cost() -> tuple[tuple[int, float, SeriesPlan], ...]:
 
 def spectral_bound(a2_fro: float, a_fro: float, width: int) -> float:
     """ρ ≥ ‖A‖₂ for skew A from ‖fl(A²)‖_F and ‖A‖_F (see the module docstring)."""
-    a2 = a2_fro + width * 2.0**-53 * a_fro**2
+    # fl(A²)'s rounding (≤ W·2⁻⁵³·‖A‖_F², entrywise) and the norm's summation error (≤ W²·2⁻⁵³, relative).
+    a2 = (a2_fro + width * 2.0**-53 * a_fro**2) * (1 + width * width * 2.0**-53)
     return (a2 * a2 / 2) ** 0.25
 
 
@@ -151,9 +153,10 @@ def retraction_orders(bounds: list[float] | None, count: int) -> list[SeriesPlan
     return out
 
 
-# Only used for fake tensors: a spectral norm no Adam step reaches at lr ≤ 1e-2 (entries of m̂/√v̂ are at
-# most ~3, so ‖A‖₂ ≤ ‖A‖_F ≤ 3·lr·W ≈ 170 at W = 5760 is the true ceiling; 16 is far beyond typical).
-WORST_CASE_NORM = 16.0
+# Only used for fake tensors (the dry run measures memory; every plan holds the same temporaries): the plan
+# for this ρ. Entries of Adam's m̂/√v̂ are at most (1−β1)/√(1−β2) ≈ 3.2 (default betas), so an Adam step
+# has ‖A‖₂ ≤ ‖A‖_F ≤ 3.2·lr·W ≈ 18 at lr 1e-3 and W = 5760.
+WORST_CASE_NORM = 32.0
 
 
 def series_factor(a: torch.Tensor, a2: torch.Tensor, plan: SeriesPlan, mm=torch.matmul) -> torch.Tensor:
