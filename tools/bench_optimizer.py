@@ -295,7 +295,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--widths", type=int, nargs="*", default=[512, 1024], help="none: skip part 1")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--emulate-steps", type=int, default=0)
     parser.add_argument("--emulate-width", type=int, default=256)
