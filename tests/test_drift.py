@@ -5,7 +5,7 @@ Lookahead every sync overwrites the master with the slow weights; if those are n
 their own rounding accumulates over all syncs and the re-orthogonalised master is thrown away at the next
 sync: the defect grows like √syncs without bound (the certificate's factor sqrt(1 + ‖XᵀX − I‖_F) with it).
 This runs the real `ManifoldOptimizer` with random gradients at the recipes' lr for 2,000 steps at W = 256
-(~50 s on one core of the 2-core CI machine).
+(70 s measured on the 2-core dev machine while it ran other jobs; 254 s under a load average of 30).
 """
 
 from __future__ import annotations
