@@ -311,6 +311,7 @@ def main() -> None:
         where = f"CPU, {torch.get_num_threads()} threads"
 
     if args.drift:
+        torch.set_num_threads(1)  # a quickstart's W = 128 matrices: a second thread costs more than it gives
         print(f"{args.drift}: {args.drift_steps} optimizer steps, random gradients, the recipe's optimizer")
         for step, bound, error in recipe_drift(args.drift, args.drift_steps):
             when = f"step {step:>5}" if step > 0 else "re-orthogonalised at the end"
