@@ -468,6 +468,9 @@ class Trainer:
                         wait=f"{stats['data_wait_share']:.0%}",
                         mem=f"{memory_text(stats['peak_memory_gib'])}/plan {memory_text(planned_gib)}",
                     )
+                if self.step >= self.total_steps:  # the final weights leave exactly re-orthogonalised
+                    self.optimizer.reorthogonalize_masters()
+                    self.optimizer.broadcast_weights()
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:

@@ -34,6 +34,7 @@ def test_gpu_checks_smoke_runs_every_check_and_keeps_its_logs_small(tmp_path: Pa
     assert "dali/wds:" in (logs / "data.log").read_text()
     assert "Lipschitz bound of the backbone" in (logs / "quickstart.log").read_text()
     assert (logs / "memory_1b.log").read_text().count("MemTracker") == 2  # the two dry runs' tables
+    assert "projected at the GPU rates" in (logs / "optimizer.log").read_text()
 
 
 def test_gpu_checks_report_a_failing_check_and_go_on(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-from lipnext_scale.optim.fastexp import fast_exp, polar, reorthogonalize
+from lipnext_scale.optim.fastexp import fast_exp, polar, reorthogonalize, retraction_orders
 from lipnext_scale.optim.manifold import ManifoldHyper, ManifoldOptimizer, lr_schedule, parameter_kind
 
 __all__ = [
@@ -9,4 +9,5 @@ __all__ = [
     "parameter_kind",
     "polar",
     "reorthogonalize",
+    "retraction_orders",
 ]

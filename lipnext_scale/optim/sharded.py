@@ -165,10 +165,12 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         self.step_count += 1
         scale = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip else 1.0
         base = self.rank * self.layout.segment
+        pairs = []
         for param, state in self.state.items():
             offset = self.layout.offsets[state["name"]] - base
             grad = mine[offset : offset + param.numel()].view_as(param)
-            self.update_parameter(param, grad * scale if scale != 1.0 else grad)
+            pairs.append((param, grad * scale if scale != 1.0 else grad))
+        self.update_parameters(pairs)  # all owned matrices at once: one host sync for their retractions
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # Gradients live in the accumulation buffer, which step() clears; nothing to do between steps.
