@@ -94,6 +94,9 @@ class TrainConfig:
 class CertifyConfig:
     eps: list[float] = field(default_factory=lambda: [36 / 255, 72 / 255, 108 / 255, 1.0])
     batch_size: int = field(default=256, metadata=_range(1))
+    # "fp32": IEEE fp32 forward, rounding of the forward pass not covered; "sound": float64 forward with a
+    # rigorous bound on its rounding (the certificate holds for the float64 classifier). docs/soundness.md.
+    mode: str = "fp32"
     # Published CRA of the configuration this recipe reproduces, as [ε, CRA in [0, 1]] pairs, and where
     # they are published; tools/certify.py draws them beside the measured curve. Empty: none drawn.
     reported_cra: list[tuple[float, float]] = field(default_factory=list)
@@ -225,6 +228,8 @@ def _validate_across_fields(recipe: Recipe, source: str) -> None:
             "are not set; allowed: paths to manifests written by tools/make_shards.py"
         )
     c = recipe.certify
+    if c.mode not in ("fp32", "sound"):
+        raise ConfigError(f"{source}: 'certify.mode' is {c.mode!r}; allowed: 'fp32', 'sound'")
     if any(e <= 0 for e in c.eps):
         raise ConfigError(f"{source}: 'certify.eps' is {c.eps}; allowed: positive radii")
     bad = [list(pair) for pair in c.reported_cra if not (pair[0] > 0 and 0 <= pair[1] <= 1)]

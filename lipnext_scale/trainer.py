@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from lipnext_scale import engine as ds
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
-from lipnext_scale.certify import certification_counts, format_table, head_pair_distances, summarize
+from lipnext_scale.certify import Certifier, certification_counts, format_table, summarize
 from lipnext_scale.checkpoint import (
     IncompleteCheckpoint,
     load_checkpoint,
@@ -229,12 +229,12 @@ class Trainer:
 
     @staticmethod
     def _certified_at(logits: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, eps: float) -> float:
-        """Training-batch points correct with margin radius ≥ eps, taking the backbone's bound as 1 and the
+        """Training-batch points correct with margin radius > eps, taking the backbone's bound as 1 and the
         compute-dtype head: a progress signal, not a certificate (evaluation certifies with fp32 weights)."""
         distances = head_pair_distances_from_unit_rows(head)[labels]
         margins = logits.gather(1, labels[:, None]) - logits
         radius = (margins / distances).scatter(1, labels[:, None], float("inf")).amin(1)
-        return (radius >= eps).sum().item()
+        return (radius > eps).sum().item()
 
     # --- evaluation and outputs ---
 
@@ -265,18 +265,35 @@ class Trainer:
         """Clean accuracy and CRA on the validation split, certified with the fp32 masters (collective).
 
         The masters are gathered into the gradient buffer, idle between steps, and the model on them is
-        dropped before training goes on: evaluation adds no full-size buffer to the training peak."""
+        dropped before training goes on: evaluation adds no full-size buffer to the training peak. The
+        per-matrix bound work (W³ each) is split across ranks; only its scalars travel. Certification is
+        eager and in `certify.mode` (fp32 or sound) whatever the recipe compiles."""
         eps_list = list(self.recipe.certify.eps)
+        mode = self.recipe.certify.mode
         with self.optimizer.fp32_state_in_grad_buffer() as state:
             model = self.fp32_model(state)
-            lipschitz = model.lipschitz_bound()
-            distances = head_pair_distances(model)
-            counts = certification_counts(model, self.val_loader, eps_list, lipschitz, distances)
-            del model
-        result = summarize(ds.all_reduce_sum(counts), eps_list, lipschitz)
+            share = (self.dist.rank, self.dist.world_size, self._sum_scalars)
+            certifier = Certifier(model, mode, share=share)
+            counts = certification_counts(certifier, self.val_loader, eps_list)
+            lipschitz = certifier.lipschitz
+            del model, certifier
+        result = summarize(ds.all_reduce_sum(counts), eps_list, lipschitz, mode)
         result["orthogonality_error"] = self.orthogonality_error()
         result["num_params"] = self.num_params
         return result
+
+    def _sum_scalars(self, values: list[float]) -> list[float]:
+        """Element-wise sum of one float64 scalar list over ranks, on the communication device (cuda under
+        NCCL, cpu under gloo). Used for the per-matrix bounds: each entry is non-zero on one rank only,
+        so the sum is exact and every rank receives the same floats."""
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return list(values)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.cpu().tolist()
 
     def log(self, record: dict) -> None:
         if self.metrics_file:
