@@ -105,8 +105,14 @@ def _inside(candidates: torch.Tensor, x: torch.Tensor, radius: torch.Tensor) -> 
 
 @torch.no_grad()
 def rounding_search(
-    predict, x: torch.Tensor, pred: torch.Tensor, radius: torch.Tensor, direction: torch.Tensor,
-    *, tries: int = 64, seed: int = 0,
+    predict,
+    x: torch.Tensor,
+    pred: torch.Tensor,
+    radius: torch.Tensor,
+    direction: torch.Tensor,
+    *,
+    tries: int = 64,
+    seed: int = 0,
 ) -> list[dict]:
     """For each point: bisect along `direction` to the last float32 point inside the certified ball, then
     evaluate it, the float32 points just before it on the line, and `tries` one-ulp neighbours of it that
@@ -144,6 +150,10 @@ def rounding_search(
         labels = predict(candidates).cpu()
         moved = labels != pred[i].cpu()
         for j in torch.nonzero(moved).flatten().tolist():
+            # Confirmed alone: an fp32 forward pass can round differently inside a larger batch.
+            labels[j] = predict(candidates[j : j + 1]).cpu()[0]
+            if labels[j] == pred[i].cpu():
+                continue
             diff = candidates[j : j + 1].double() - xi.double()
             found.append(
                 {
@@ -153,6 +163,7 @@ def rounding_search(
                     "adversarial_pred": int(labels[j]),
                     "delta_norm": float(norm_up(diff)),
                     "certified_radius": float(radius[i]),
+                    "example": candidates[j].cpu(),
                 }
             )
             break
@@ -170,10 +181,12 @@ def audit(
     seed: int = 0,
     apgd: bool = True,
     rounding_tries: int = 64,
+    keep_examples: bool = False,
 ) -> dict:
     """Attack each image inside `scale` × its `radius` (its certified radius, in a sound audit), then run
     the rounding search at the full radius. A violation: the certified classifier's prediction at x' differs
-    from that at x while ‖x' − x‖₂ < radius (float64 norm rounded up)."""
+    from that at x while ‖x' − x‖₂ < radius (float64 norm rounded up). With `keep_examples`, the report's
+    "examples" lists each violation's x' (float32), for anyone to re-check."""
     model = certifier.model
     model.eval()
     device = model.embed.weight.device
@@ -196,7 +209,7 @@ def audit(
             directions = delta
     if apgd:
         variants["apgd_l2"] = torch.stack(apgd_l2(module, x, pred, budget, steps))
-    violations, worst = [], {}
+    violations, worst, examples = [], {}, []
     for name, delta in variants.items():
         adv = (x + delta).float()
         with torch.no_grad():
@@ -206,6 +219,9 @@ def audit(
         worst[name] = float((margins / clean_margin).min()) if len(x) else None
         for i in range(len(x)):
             if moved[i] != pred[i].cpu() and inside[i]:
+                moved[i] = predict(adv[i : i + 1]).cpu()[0]  # confirmed alone, as in the rounding search
+                if moved[i] == pred[i].cpu():
+                    continue
                 violations.append(
                     {
                         "attack": name,
@@ -216,6 +232,7 @@ def audit(
                         "certified_radius": float(radius[i]),
                     }
                 )
+                examples.append(adv[i].detach().cpu())
     # Where PGD never left x (its best δ is 0), search along the margin's steepest descent instead.
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(margin(module(xg), pred).sum(), xg)
@@ -223,7 +240,8 @@ def audit(
     directions = torch.where(still.view(-1, 1, 1, 1), -grad, directions)
     rounding = rounding_search(predict, x, pred, radius, directions, tries=rounding_tries, seed=seed)
     violations += rounding
-    return {
+    examples += [v.pop("example") for v in rounding]
+    report = {
         "mode": certifier.mode,
         "num_points": len(x),
         "scale": scale,
@@ -236,3 +254,6 @@ def audit(
         "violations": violations,
         "violation_rate": len({v["index"] for v in violations}) / len(x) if len(x) else 0.0,
     }
+    if keep_examples:
+        report["examples"] = examples
+    return report

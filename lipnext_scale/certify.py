@@ -148,7 +148,9 @@ class Certifier:
             factors = model.lipschitz_factors(self.products)
             matrices = dict(factors)  # unique names
             names = list(matrices)
-            norms = dict(zip(names, _distributed_norms(names, lambda n: operator_norm_bound(matrices[n]), share)))
+            norms = dict(
+                zip(names, _distributed_norms(names, lambda n: operator_norm_bound(matrices[n]), share))
+            )
             self.lipschitz = product_up(norms[name] for name, _ in factors)
             if mode == "sound":
                 from lipnext_scale.sound import SoundCertifier

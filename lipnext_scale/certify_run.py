@@ -39,7 +39,9 @@ def resolve_weights(path: Path) -> Path:
     """A model file, or a run directory holding model.safetensors."""
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
-            raise CertifyError(f"{path} is a directory without {MODEL_FILE}; pass a run directory or the file")
+            raise CertifyError(
+                f"{path} is a directory without {MODEL_FILE}; pass a run directory or the file"
+            )
         return path / MODEL_FILE
     if not path.is_file():
         raise CertifyError(f"{path}: no such file or run directory")
@@ -64,8 +66,8 @@ def check_data(manifest_path: Path, recipe) -> None:
     size = manifest.meta.get("image_size")
     if size is not None and size != m.image_size:
         raise CertifyError(
-            f"{manifest_path}: images stored at {size} px, the model takes {m.image_size} px; write the split "
-            f"at {m.image_size} px (tools/make_shards.py --image-size {m.image_size})"
+            f"{manifest_path}: images stored at {size} px, the model takes {m.image_size} px; write the "
+            f"split at {m.image_size} px (tools/make_shards.py --image-size {m.image_size})"
         )
 
 
@@ -106,7 +108,11 @@ def certify_batches(certifier: Certifier, batches, eps_list: list[float]) -> dic
     if kept:
         radius, pred, label = (torch.cat(column) for column in zip(*kept))
     else:
-        radius, pred, label = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        radius, pred, label = (
+            torch.zeros(0, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0),
+        )
     return {"counts": counts, "radius": radius, "pred": pred, "label": label, "seconds": seconds}
 
 
@@ -205,6 +211,17 @@ def gather_images(loader, indices: list[int]) -> torch.Tensor:
     return torch.stack([found[i] for i in indices]) if indices else torch.zeros(0)
 
 
+def first_images(batches, limit: int):
+    """The first `limit` (images, labels) of a stream, the last batch cut short."""
+    seen = 0
+    for images, labels in batches:
+        if seen >= limit:
+            return
+        take = min(len(images), limit - seen)
+        yield images[:take], labels[:take]
+        seen += take
+
+
 def cascade(fp32: dict, sound_certifier: Certifier, images_of, eps_list: list[float]) -> dict:
     """Sound radii, computed (float64) only where fp32 certifies anything: points correct with fp32 radius
     > min ε. Everywhere else the point counts as uncertified in both modes, which can only under-state."""
@@ -217,8 +234,13 @@ def cascade(fp32: dict, sound_certifier: Certifier, images_of, eps_list: list[fl
         idx = todo[lo : lo + 256]
         r, p = sound_certifier(images_of(idx))
         radius[idx], pred[idx] = r.cpu(), p.cpu()
-    return {"radius": radius, "pred": pred, "label": fp32["label"], "rechecked": len(todo),
-            "seconds": time.perf_counter() - start}
+    return {
+        "radius": radius,
+        "pred": pred,
+        "label": fp32["label"],
+        "rechecked": len(todo),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def certify_model_file(
@@ -233,13 +255,15 @@ def certify_model_file(
     audit_steps: int = 100,
     audit_restarts: int = 3,
     apgd: bool = True,
+    limit: int | None = None,
     device: str = "cpu",
     offload: bool = False,
     log=print,
 ) -> dict:
     """Certify `weights` (a model file or run directory) on the shard set `data`; write certify.json and
     cra_curve.png to `out` (default: `default_out`). mode: "fp32", "sound" or "cascade" (fp32 first, the
-    fp32-certified points re-checked in sound mode; the CRA reported is the sound one)."""
+    fp32-certified points re-checked in sound mode; the CRA reported is the sound one). `limit`: only the
+    first that many images of the split (a quick look at a large model on a CPU)."""
     weights = resolve_weights(Path(weights))
     data = Path(data)
     if not data.is_file():
@@ -252,10 +276,16 @@ def certify_model_file(
     batch_size = batch_size or recipe.certify.batch_size
 
     def loader():
-        return build_loader(
-            data, batch_size=batch_size, train=False, image_size=recipe.model.image_size,
-            augment=recipe.data.augment, backend=recipe.data.backend, device=device,
+        batches = build_loader(
+            data,
+            batch_size=batch_size,
+            train=False,
+            image_size=recipe.model.image_size,
+            augment=recipe.data.augment,
+            backend=recipe.data.backend,
+            device=device,
         )
+        return batches if limit is None else first_images(batches, limit)
 
     first = "fp32" if mode == "cascade" else mode
     certifier = Certifier(model, first)
@@ -282,6 +312,7 @@ def certify_model_file(
             "weights": str(weights),
             "data": str(data),
             "batch_size": batch_size,
+            "limit": limit,
             "offload": offload,
             "model_size": recipe.model.size,
             "num_classes": recipe.model.num_classes,

@@ -55,7 +55,11 @@ def norm_up(t: torch.Tensor, dim=None) -> torch.Tensor:
     """
     if t.dtype != torch.float64:
         raise ValueError(f"norm_up needs float64, got {t.dtype}")
-    n = t.numel() if dim is None else math.prod(t.shape[d] for d in (dim if isinstance(dim, tuple) else (dim,)))
+    n = (
+        t.numel()
+        if dim is None
+        else math.prod(t.shape[d] for d in (dim if isinstance(dim, tuple) else (dim,)))
+    )
     squares = (t * t).sum() if dim is None else (t * t).sum(dim=dim)
     return tensor_up(torch.sqrt(squares) * up(1.0 + 2.0 * gamma(n + 1))) + TINY
 

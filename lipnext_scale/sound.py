@@ -27,6 +27,7 @@ from lipnext_scale.model.layers import beta_abs, spatial_shift
 from lipnext_scale.model.lipnext import LipNeXt
 from lipnext_scale.rounding import (
     TINY,
+    U32,
     U64,
     frobenius_up,
     gamma,
@@ -59,54 +60,68 @@ class Affine:
 class SoundCertifier:
     """Radii of the float64 classifier F̂ for one model; the weight-dependent constants computed once."""
 
-    def __init__(self, model: LipNeXt, lipschitz: float | None = None, norms: dict[str, float] | None = None):
+    def __init__(
+        self,
+        model: LipNeXt,
+        lipschitz: float | None = None,
+        norms: dict[str, float] | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
         """`lipschitz` and `norms` (operator-norm bounds by `LipNeXt.lipschitz_factors()` name, without
-        products) may be passed in when already computed; they must be those of `model`'s weights."""
+        products) may be passed in when already computed; they must be those of `model`'s weights.
+        `dtype` float32 runs the same analysis for an fp32 forward pass (u = 2⁻²⁴): far looser at large
+        widths, it is how the tests check the bound against errors large enough to measure."""
         self.model = model
+        self.dtype = dtype
+        self.u = {torch.float64: U64, torch.float32: U32}[dtype]
+        u = self.u
         if norms is None:
             norms = {name: operator_norm_bound(m) for name, m in model.lipschitz_factors()}
-        w = model.head.weight.detach().to(torch.float64)
+        w = model.head.weight.detach().to(dtype)
         row_norms = torch.sqrt((w * w).sum(dim=1))
         if bool((row_norms < 1e-12).any()):
             raise ValueError("a head row has norm < 1e-12: the LLN head is degenerate, nothing to certify")
         self.rows = w / row_norms[:, None]  # ŵ, as F̂ forms them
-        self.bias = model.head.bias.detach().to(torch.float64)
+        self.bias = model.head.bias.detach().to(dtype)
         width = self.rows.shape[1]
         # |ŵ − w̄| ≤ κ·|w̄| elementwise: the row norm has relative error ≤ γ_{W+1}, the division adds u.
-        self.kappa = up(2.0 * gamma(width + 2))
+        self.kappa = up(2.0 * gamma(width + 2, u))
         # d_ij ≥ ‖w̄_i − w̄_j‖: the computed distance of the ŵ rows rounded up, plus 2κ (‖ŵ_i − w̄_i‖ ≤ κ).
         # The subtraction ŵ_i − ŵ_j rounds each entry (relative u): ‖exact‖ ≤ ‖computed‖·(1 + 2u).
-        computed = torch.stack([norm_up(self.rows - row, dim=1) for row in self.rows])
+        rows64 = self.rows.double()  # the subtraction in float64 (rounding u64 covered below)
+        computed = torch.stack([norm_up(rows64 - row, dim=1) for row in rows64])
         self.distances = tensor_up(tensor_up(computed * up(1.0 + 2.0 * U64)) + 2.0 * self.kappa)
-        self.bias_term = tensor_up(self.bias.abs() * gamma(width + 1))  # γ_{W+1}|b_i| of each logit
+        self.bias_term = tensor_up(self.bias.double().abs() * gamma(width + 1, u))  # γ_{W+1}|b_i|
         self.lipschitz = model.lipschitz_bound() if lipschitz is None else lipschitz
-        self._blocks = [self._block_constants(b, norms[f"blocks.{i}.R"], norms[f"blocks.{i}.M"])
-                        for i, b in enumerate(model.blocks)]
+        self._blocks = [
+            self._block_constants(b, norms[f"blocks.{i}.R"], norms[f"blocks.{i}.M"], dtype, u)
+            for i, b in enumerate(model.blocks)
+        ]
         e = model.embed
         self._embed = {
-            "matrix": e.matrix().detach().to(torch.float64),
+            "matrix": e.matrix().detach().to(dtype),
             "norm": norms["embed.weight"],
             "frob": frobenius_up(e.weight),
-            "gamma": gamma(e.patch_dim),
+            "gamma": gamma(e.patch_dim, u),
         }
 
     @staticmethod
-    def _block_constants(block, n_r: float, n_m: float) -> dict:
+    def _block_constants(block, n_r: float, n_m: float, dtype: torch.dtype, u: float) -> dict:
         width = block.R.shape[0]
-        r64, m64 = block.R.detach().to(torch.float64), block.M.detach().to(torch.float64)
+        r64, m64 = block.R.detach().to(dtype), block.M.detach().to(dtype)
         f_r, f_m = frobenius_up(block.R), frobenius_up(block.M)
-        g_w = gamma(width)
+        g_w = gamma(width, u)
         tokens = block.pos.shape[0] * block.pos.shape[1]
         return {
             "R": r64,
             "P": m64 @ r64.t(),  # P̂ = fl(M·Rᵀ), any order: |P̂ − P| ≤ γ_W |M||R|ᵀ
-            "pos": block.pos.detach().to(torch.float64),
-            "bias": block.bias.detach().to(torch.float64),
+            "pos": block.pos.detach().to(dtype),
+            "bias": block.bias.detach().to(dtype),
             "n_R": n_r,
             "n_P": up(n_m * n_r),  # ‖P‖₂ of the exact product
             "f_R": f_r,
             "g_W": g_w,
-            "g_W1": gamma(width + 1),
+            "g_W1": gamma(width + 1, u),
             "f_Phat": up(up(1.0 + g_w) * up(f_m * f_r)),  # ‖P̂‖_F ≤ (1 + γ_W)·‖M‖_F‖R‖_F
             "dP": up(g_w * up(f_m * f_r)),  # ‖P̂ − P‖₂ ≤ γ_W·‖M‖_F‖R‖_F
             "pos_spread": up(float(norm_up(block.pos.detach().to(torch.float64))) * up(math.sqrt(width))),
@@ -118,15 +133,14 @@ class SoundCertifier:
     @torch.no_grad()
     def logits_and_error(self, images: torch.Tensor) -> tuple[torch.Tensor, Affine]:
         """(ẑ = F̂(images) in float64, e(r) bounding |ẑ_i(x'') − z_i(x'')| for ‖x'' − x‖ ≤ r, all i)."""
-        x = images.to(torch.float64)
-        batch = len(x)
-        zero = Affine(torch.zeros(batch, dtype=torch.float64, device=x.device), 0.0)
+        x = images.to(self.dtype)
+        u = self.u
 
         # Centering: |fl(x − ½) − (x − ½)| ≤ u·|x − ½|. ‖c(x'')‖ ≤ ‖c(x)‖ + r ≤ ‖ĉ(x)‖/(1 − u) + r.
         c = x - 0.5
-        c_norm = Affine(tensor_up(norm_up(c, dim=(1, 2, 3)) * up(1.0 + 2.0 * U64)), 1.0)
-        error = c_norm.scale(U64)
-        c_hat = c_norm.scale(up(1.0 + U64))  # ‖ĉ(x'')‖
+        c_norm = Affine(tensor_up(norm_up(c.double(), dim=(1, 2, 3)) * up(1.0 + 2.0 * u)), 1.0)
+        error = c_norm.scale(u)
+        c_hat = c_norm.scale(up(1.0 + u))  # ‖ĉ(x'')‖
         lip = 1.0
 
         # Patch embedding: a dot product of length 3P² per output; exact map Lipschitz ‖E‖₂.
@@ -140,11 +154,11 @@ class SoundCertifier:
 
         for k in self._blocks:
             # ‖ĥ(x'')‖ ≤ ‖ĥ(x)‖ + 2·E + lip·r (exact activation at x within E of ĥ(x); Lipschitz lip).
-            a = Affine(norm_up(h, dim=(1, 2, 3)), lip) + error.scale(2.0)
+            a = Affine(norm_up(h.double(), dim=(1, 2, 3)), lip) + error.scale(2.0)
             # t = ĥ + pos: one rounding per entry; ‖t̂‖ ≤ (1 + u)(‖ĥ‖ + √W‖pos‖).
             t_exact = a.plus(k["pos_spread"])
-            error = error + t_exact.scale(U64)
-            t_hat = t_exact.scale(up(1.0 + U64))
+            error = error + t_exact.scale(u)
+            t_hat = t_exact.scale(up(1.0 + u))
             t = h + k["pos"]
             # m = t̂·Rᵀ: dot products of length W; |ρ| ≤ γ_W|t̂||R|ᵀ, so ‖ρ‖ ≤ γ_W‖R‖_F‖t̂‖.
             m = t @ k["R"].t()
@@ -162,8 +176,8 @@ class SoundCertifier:
 
         # L2 pooling: per channel sqrt of N squares, relative error ≤ γ_{N+1}; 1-Lipschitz.
         tokens = h.shape[1] * h.shape[2]
-        a = Affine(norm_up(h, dim=(1, 2, 3)), lip) + error.scale(2.0)
-        g_pool = gamma(tokens + 1)
+        a = Affine(norm_up(h.double(), dim=(1, 2, 3)), lip) + error.scale(2.0)
+        g_pool = gamma(tokens + 1, u)
         error = error + a.scale(g_pool)
         features = torch.sqrt((h * h).sum(dim=(1, 2)))
         f_hat = a.scale(up(1.0 + g_pool))  # ‖f̂(x'')‖ (‖pool(y)‖ = ‖y‖)
@@ -172,7 +186,7 @@ class SoundCertifier:
         #   |fl(ŵ_i·f̂ + b_i) − (ŵ_i·f̂ + b_i)| ≤ γ_{W+1}((1 + κ)‖f̂‖ + |b_i|)
         #   |(ŵ_i − w̄_i)·f̂| ≤ κ‖f̂‖,  |w̄_i·(f̂ − g)| ≤ E (‖w̄_i‖ = 1).
         logits = torch.addmm(self.bias, features, self.rows.t())
-        g_head = gamma(self.rows.shape[1] + 1)
+        g_head = gamma(self.rows.shape[1] + 1, u)
         per_logit = error + f_hat.scale(up(self.kappa + up(g_head * up(1.0 + self.kappa))))
         return logits, per_logit.plus(TINY)
 
@@ -180,6 +194,7 @@ class SoundCertifier:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(radius, pred) of F̂ per image: F̂(x') = pred for every ‖x' − x‖₂ < radius. 0 when none."""
         logits, err = self.logits_and_error(images)
+        logits = logits.double()  # exact
         pred = logits.argmax(dim=1)
         # e_i(r) = α + β r + γ|b_i|: the pair (ŷ, j) loses 2(e_ŷ + e_j) of margin at x and at x'.
         alpha = tensor_up(err.c0[:, None] + self.bias_term[None, :])  # (B, C)
