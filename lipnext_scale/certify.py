@@ -207,15 +207,20 @@ def radius_from_logits(
 def fp32_forward(model: LipNeXt, images: torch.Tensor, products: list[torch.Tensor]) -> torch.Tensor:
     """The model's forward pass with each block's P = M·Rᵀ given (formed once by the caller), eager.
 
-    Op for op what `LipNeXtBlock.forward` does (tests/test_certify.py checks the logits are identical),
-    but with the P whose norm the bound measured rather than one recomputed per call.
+    Op for op what `LipNeXtBlock.forward` does in its fused form (tests/test_certify.py compares the
+    logits), but with the P whose norm the bound measured rather than one recomputed per call: this P-once
+    forward *is* the certified fp32 classifier, whatever form training uses.
     """
     x = model.embed((images - 0.5).to(model.embed.weight.dtype))
     for block, p in zip(model.blocks, products, strict=True):
-        mixed = (x + block.pos) @ block.R.t()
-        shifted = spatial_shift(mixed, block.alpha)
-        x = beta_abs(F.linear(shifted, p, block.bias), block.beta)
+        x = _block_forward(block, x, p)
     return model.head(l2_spatial_pool(x)).float()
+
+
+def _block_forward(block, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    # A function of its own so that its intermediates die on return, as in the block's own forward.
+    shifted = spatial_shift((x + block.pos) @ block.R.t(), block.alpha)
+    return beta_abs(F.linear(shifted, p, block.bias), block.beta)
 
 
 @torch.no_grad()

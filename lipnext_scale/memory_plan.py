@@ -39,9 +39,10 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   fp32 weights) into the gradient buffer, idle between steps — no extra bytes — except with gradient
   accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
   and a buffer of its size is counted; plus either a no-grad fp32 forward of
-  ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1])·N·W·4 alive at once
-  (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4) and the head's C²·8 + 2·B·C·4 — or the float64
-  bound of one matrix (2·W²·8), whichever is larger.
+  ``certify.batch_size`` images — the input B·3·S²·4, (3 + [βW ≥ 1])·N·W·4 alive at once
+  (measured; tests/test_plan_memory.py) and the head's C²·8 + 2·B·C·4 — or the float64 bound of one
+  matrix (9·W²·8 with three squarings), whichever is larger; and through both, every block's M·Rᵀ
+  (L·W²·4), formed once so that the bound measures the product the forward pass applies.
 
 Peak = weights + gradient buffer + optimizer state
        + max(activation peak + transient gradients, optimizer step, evaluation).
@@ -175,21 +176,26 @@ def step_transient(params: dict, world_size: int, b: int) -> int:
 
 def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: int) -> dict:
     """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
-    _, width = SIZES[model.size]
+    depth, width = SIZES[model.size]
     n = batch * (model.image_size // model.patch) ** 2
-    alive = 4 + (round(model.beta * width) > 0)
+    alive = 3 + (round(model.beta * width) > 0)  # measured on the certification forward (fp32_forward)
     c = model.num_classes
-    # + one block's M·Rᵀ, the float64 class-pair distances, logits and margins.
-    head = width * width * 4 + c * c * 8 + 2 * batch * c * 4
+    # Every block's P = M·Rᵀ, formed once and held for the whole evaluation (lipnext_scale.certify).
+    products = depth * width * width * 4
+    # + the float64 class-pair distances, logits and margins.
+    head = c * c * 8 + 2 * batch * c * 4
     forward = batch * 3 * model.image_size**2 * 4 + int(alive * n * width * 4) + head
-    bound = 2 * params["largest_matrix"] * 8
+    # operator_norm_bound: X and XᵀX − I in float64, then two W×W float64 per squaring level, plus one
+    # elementwise temporary (lipnext_scale.rounding.DEFECT_SQUARINGS = 3).
+    bound = (3 + 2 * 3) * params["largest_matrix"] * 8
     fp32_copy = params["grad_buffer"] if accumulation > 1 else 0
     return {
         "batch": batch,
         "fp32_copy": fp32_copy,
+        "products": products,
         "forward": forward,
         "bound": bound,
-        "extra": fp32_copy + max(forward, bound),
+        "extra": fp32_copy + products + max(forward, bound),
     }
 
 

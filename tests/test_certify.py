@@ -217,14 +217,17 @@ def test_certify_arguments_and_refusals():
 
 
 def test_fp32_forward_is_the_model_forward_with_p_formed_once(trained_quickstart):
-    """The certified fp32 logits are those of `LipNeXt.forward` bit for bit (same ops, same P), and the
-    bound is computed from the very P applied: ‖E‖·Π‖R‖‖P‖ covers the exact norms of those matrices."""
+    """The certified fp32 logits are those of `LipNeXt.forward` up to fp32 rounding (same ops, P once), and
+    the bound is computed from the very P applied: ‖E‖·Π‖R‖‖P‖ covers the exact norms of those matrices."""
     model = lipnext_scale.load_pretrained(trained_quickstart / "model.safetensors")
     certifier = Certifier(model)
     torch.manual_seed(0)
     images = torch.rand(8, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(fp32_forward(model, images, certifier.products), model(images))
+        # Bit for bit while the block forms M·Rᵀ itself; a block that applies R and M separately rounds
+        # differently, by fp32 rounding only.
+        certified = fp32_forward(model, images, certifier.products)
+        assert torch.allclose(certified, model(images), rtol=1e-5, atol=1e-5)
     for block, p in zip(model.blocks, certifier.products):
         assert p.dtype == torch.float32 and torch.equal(p, block.M.detach() @ block.R.detach().t())
     exact = math.prod(

@@ -289,6 +289,7 @@ def copy_manifest(run_dir: Path, dest: Path, **changes) -> Path:
             raw["meta"]["image_size"] = value
         else:
             raw[key] = value
+            raw["class_names"] = raw["class_names"][:value]
     path = dest / src.name
     path.write_text(json.dumps(raw))
     return path

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lipnext_scale import certified_radius, evaluate, load_pretrained
+from lipnext_scale import certify, evaluate, load_pretrained
 from lipnext_scale.config import load_recipe
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.trainer import Trainer
@@ -63,14 +63,14 @@ def test_saved_weights_reload_to_the_same_certificates(trained_quickstart):
     assert reloaded["clean_acc"] == saved["clean_acc"]
     assert [r["cra"] for r in reloaded["cra"]] == [r["cra"] for r in saved["cra"]]
     images, _ = next(iter(loader))
-    radius, pred = certified_radius(model, model(images))
+    radius, pred = certify(model, images)
     assert radius.shape == pred.shape == (len(images),)
 
 
 def test_certification_refuses_bf16_weights(trained_quickstart):
     model = load_pretrained(trained_quickstart / "model.safetensors").to(torch.bfloat16)
     with pytest.raises(ValueError, match="fp32"):
-        certified_radius(model, torch.zeros(1, 10))
+        certify(model, torch.zeros(1, 3, 32, 32))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
