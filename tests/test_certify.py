@@ -39,6 +39,7 @@ from lipnext_scale.certify import (
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.loss import emma_loss
 from lipnext_scale.model import LipNeXt
+from tests.conftest import QUICKSTART
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -235,6 +236,15 @@ def test_fp32_forward_is_the_model_forward_with_p_formed_once(trained_quickstart
         for _, m in model.lipschitz_factors(certifier.products)
     )
     assert exact <= certifier.lipschitz < exact * (1 + 1e-5)
+
+
+def test_recipe_certify_mode_is_validated():
+    from lipnext_scale.config import ConfigError, load_recipe
+
+    assert load_recipe(QUICKSTART, ["certify.mode=sound"]).certify.mode == "sound"
+    assert load_recipe(QUICKSTART).certify.mode == "fp32"
+    with pytest.raises(ConfigError, match="'certify.mode' is 'fp16'; allowed: 'fp32', 'sound'"):
+        load_recipe(QUICKSTART, ["certify.mode=fp16"])
 
 
 def test_certified_means_radius_strictly_above_eps():
