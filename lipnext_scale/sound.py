@@ -108,13 +108,14 @@ class SoundCertifier:
     @staticmethod
     def _block_constants(block, n_r: float, n_m: float, dtype: torch.dtype, u: float) -> dict:
         width = block.R.shape[0]
-        r64, m64 = block.R.detach().to(dtype), block.M.detach().to(dtype)
+
         f_r, f_m = frobenius_up(block.R), frobenius_up(block.M)
         g_w = gamma(width, u)
         tokens = block.pos.shape[0] * block.pos.shape[1]
         return {
-            "R": r64,
-            "P": m64 @ r64.t(),  # P̂ = fl(M·Rᵀ), any order: |P̂ − P| ≤ γ_W |M||R|ᵀ
+            # R and P̂ = fl(M·Rᵀ) are formed per batch (`_mixes`), not held for every block: the bound
+            # covers any P̂ formed in any order (|P̂ − P| ≤ γ_W |M||R|ᵀ), so re-forming it is sound.
+            "block": block,
             "pos": block.pos.detach().to(dtype),
             "bias": block.bias.detach().to(dtype),
             "n_R": n_r,
@@ -161,13 +162,15 @@ class SoundCertifier:
             t_hat = t_exact.scale(up(1.0 + u))
             t = h + k["pos"]
             # m = t̂·Rᵀ: dot products of length W; |ρ| ≤ γ_W|t̂||R|ᵀ, so ‖ρ‖ ≤ γ_W‖R‖_F‖t̂‖.
-            m = t @ k["R"].t()
+            r_mat, p_mat = _mixes(k["block"], self.dtype)
+            m = t @ r_mat.t()
             rho_m = t_hat.scale(up(k["g_W"] * k["f_R"]))
             error = error.scale(k["n_R"]) + rho_m
             s_hat = t_hat.scale(k["n_R"]) + rho_m  # ‖ŝ‖ = ‖m̂‖: the shift permutes entries
             s = spatial_shift(m, k["alpha"])
             # y = ŝ·P̂ᵀ + b against s·Pᵀ + b: the addmm rounding (length W + 1) and the rounding of P̂.
-            y = torch.addmm(k["bias"], s.reshape(-1, s.shape[-1]), k["P"].t()).reshape(s.shape)
+            y = torch.addmm(k["bias"], s.reshape(-1, s.shape[-1]), p_mat.t()).reshape(s.shape)
+            del r_mat, p_mat
             rho_y = s_hat.scale(up(k["g_W1"] * k["f_Phat"])).plus(up(k["g_W1"] * k["bias_spread"]))
             rho_y = rho_y + s_hat.scale(k["dP"])
             error = error.scale(k["n_P"]) + rho_y
@@ -207,3 +210,9 @@ class SoundCertifier:
         radius = tensor_down(numerator / denominator).clamp_min(0.0)
         radius.scatter_(1, pred[:, None], math.inf)
         return radius.min(dim=1).values, pred
+
+
+def _mixes(block, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """R and P̂ = fl(M·Rᵀ) of one block in `dtype` (the fp32 values are exact in float64)."""
+    r = block.R.detach().to(dtype)
+    return r, block.M.detach().to(dtype) @ r.t()
