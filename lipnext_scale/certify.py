@@ -1,22 +1,43 @@
-"""Certified radii and certified robust accuracy (DESIGN.md §1).
+"""Certified radii and certified robust accuracy (docs/soundness.md).
 
 For a backbone with Lipschitz bound L and head rows w_i, the prediction ŷ cannot change within
 
     r(x) = min_{j≠ŷ} (z_ŷ − z_j) / (L · ‖w_ŷ − w_j‖₂)
 
-L comes from `LipNeXt.lipschitz_bound()`, a sound bound computed from the fp32 weights in float64.
+The documented entry point takes the model and the images and computes the logits itself:
+
+    radius, pred = certify(model, images)                  # fp32 mode
+    radius, pred = certify(model, images, mode="sound")    # float64 classifier, rounding covered
+
+Two modes (`MODES`):
+
+- "fp32": the IEEE fp32 forward pass (eager, exact fp32 matmuls, never inside torch.autocast), with each
+  block's P = fl(M·Rᵀ) formed once and the same P used in the forward pass and in L (so the rounding of
+  the product is covered); L is rounded outward. The rounding of the forward pass itself is not covered:
+  the certificate is for the real-arithmetic network evaluated at the fp32 logits, and a rounding attack
+  can break points whose margin is within rounding of the boundary (`lipnext_scale.audit` measures how
+  often).
+- "sound": `lipnext_scale.sound`: the forward pass in float64 with a rigorous a-priori bound on its
+  rounding error over the whole certified ball. The certificate holds for the float64 classifier exactly.
+
+A point counts as certified at ε when radius > ε (the radius guarantees only ‖δ‖ < r).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
+from lipnext_scale.model.layers import beta_abs, l2_spatial_pool, spatial_shift
 from lipnext_scale.model.lipnext import LipNeXt
+from lipnext_scale.rounding import U64, norm_up, operator_norm_bound, product_up, tensor_down, tensor_up, up
 
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255, 1.0)
+MODES = ("fp32", "sound")
 
 
 def require_fp32(model: LipNeXt) -> None:
@@ -34,12 +55,24 @@ def _fp32_matmul_settings() -> dict[str, str]:
     return {"cuda": b.cuda.matmul.fp32_precision, "mkldnn": b.mkldnn.matmul.fp32_precision}
 
 
-def require_exact_fp32_matmuls() -> None:
-    """Refuse to certify logits computed with reduced-precision fp32 matmuls.
+def require_no_autocast() -> None:
+    """Refuse to certify inside torch.autocast: it silently runs the matmuls in bf16/fp16, so the logits
+    would not be those of the certified classifier. Leaving the region is the caller's decision."""
+    autocast = [d for d in ("cpu", "cuda", "xpu", "mps") if _autocast_enabled(d)]
+    if autocast:
+        raise ValueError(
+            f"certification inside a torch.autocast region ({', '.join(autocast)}): the logits would be "
+            "computed in reduced precision; call certify() outside the autocast block"
+        )
 
-    TF32 perturbs logits by about 1e-3 relative, far beyond what the Lipschitz bound accounts for, so a
-    margin near a certified radius could be wrong. `exact_fp32_matmuls()` is the way to compute them.
+
+def require_exact_fp32_matmuls() -> None:
+    """Refuse reduced-precision fp32 matmuls and autocast regions: both change the logits being certified.
+
+    TF32 perturbs logits by about 1e-3 relative, far beyond what the certificate accounts for.
+    `Certifier` computes its logits inside `exact_fp32_matmuls()` whatever the process set.
     """
+    require_no_autocast()
     reduced = {k: v for k, v in _fp32_matmul_settings().items() if v in _REDUCED_FP32_MATMULS}
     if reduced:
         raise ValueError(
@@ -47,6 +80,13 @@ def require_exact_fp32_matmuls() -> None:
             "torch.set_float32_matmul_precision('high')): certificates need exact fp32 logits; compute them "
             "inside lipnext_scale.exact_fp32_matmuls()"
         )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type this build does not know
+        return False
 
 
 @contextlib.contextmanager
@@ -63,64 +103,158 @@ def exact_fp32_matmuls() -> Iterator[None]:
 
 @torch.no_grad()
 def head_pair_distances(model: LipNeXt) -> torch.Tensor:
-    """‖w_i − w_j‖₂ for all class pairs of the normalised head, in float64, by explicit differences."""
-    w = model.head.normalized_weight().detach().to(device="cpu", dtype=torch.float64)
-    return torch.stack([torch.linalg.vector_norm(w - row, dim=1) for row in w])
+    """Upper bounds on ‖w_i − w_j‖₂ for all class pairs of the fp32-normalised head (as the fp32 forward
+    pass forms its rows), in float64 on the model's device, by explicit differences rounded outward."""
+    w = model.head.normalized_weight().detach().to(torch.float64)
+    computed = torch.stack([norm_up(w - row, dim=1) for row in w])
+    return tensor_up(computed * up(1.0 + 2.0 * U64))  # the subtraction's own rounding
 
 
-@torch.no_grad()
-def certified_radius(
-    model: LipNeXt,
-    logits: torch.Tensor,
-    lipschitz: float | None = None,
-    pair_distances: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(radius, pred) per sample, radius in the L2 norm of [0,1] pixel space.
+def certified_radius(*_args, **_kwargs):
+    """Removed: a radius from logits alone cannot know how they were computed. Use `certify`."""
+    raise TypeError(
+        "certified_radius(model, logits) is gone: it could not check that the logits came from the model, "
+        "in fp32, outside autocast. Use lipnext_scale.certify(model, images[, mode='fp32'|'sound']) -> "
+        "(radius, pred), or lipnext_scale.Certifier(model) to reuse the bound over many batches."
+    )
 
-    `lipschitz` and `pair_distances` may be passed in to avoid recomputing them for every batch; they must
-    come from the same fp32 weights that produced `logits`, computed with exact fp32 matmuls (refused when
-    TF32 or bf16-based fp32 matmuls are enabled; see `exact_fp32_matmuls`).
+
+def _distributed_norms(names: list[str], compute: Callable[[str], float], share) -> list[float]:
+    """Operator-norm bounds of `names`, each computed by one rank (i % world == rank), the scalars
+    summed across ranks (adding exact zeros is exact). `share` = (rank, world, all_reduce_sum on a
+    float64 tensor placed by the caller), or None for one process."""
+    if share is None:
+        return [compute(n) for n in names]
+    rank, world, reduce_sum = share
+    local = [compute(n) if i % world == rank else 0.0 for i, n in enumerate(names)]
+    return reduce_sum(local)
+
+
+class Certifier:
+    """Certified radii of one model's fp32 weights; the bound and head distances computed once.
+
+    `share` splits the per-matrix bound work across ranks (see `_distributed_norms`); every rank then
+    forms L as the same product in the same order, so all ranks hold the identical float.
     """
-    require_fp32(model)
-    require_exact_fp32_matmuls()
-    if lipschitz is None:
-        lipschitz = model.lipschitz_bound()
-    if pair_distances is None:
-        pair_distances = head_pair_distances(model)
-    z = logits.detach().to(device="cpu", dtype=torch.float64)
+
+    def __init__(self, model: LipNeXt, mode: str = "fp32", share=None):
+        if mode not in MODES:
+            raise ValueError(f"certification mode {mode!r}; allowed: {', '.join(MODES)}")
+        require_fp32(model)
+        require_no_autocast()
+        self.model, self.mode = model, mode
+        with torch.no_grad(), exact_fp32_matmuls():
+            self.products = model.mixing_products() if mode == "fp32" else None
+            factors = model.lipschitz_factors(self.products)
+            matrices = dict(factors)  # unique names
+            names = list(matrices)
+            norms = dict(
+                zip(names, _distributed_norms(names, lambda n: operator_norm_bound(matrices[n]), share))
+            )
+            self.lipschitz = product_up(norms[name] for name, _ in factors)
+            if mode == "sound":
+                from lipnext_scale.sound import SoundCertifier
+
+                self.sound = SoundCertifier(model, self.lipschitz, norms)
+            else:
+                self.distances = head_pair_distances(model)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The fp32 logits this certifier certifies: eager, exact fp32 matmuls, P formed once per block.
+        (In sound mode: the float64 logits of the float64 classifier.)"""
+        require_no_autocast()
+        device = self.model.embed.weight.device
+        if self.mode == "sound":
+            return self.sound.logits_and_error(images.to(device))[0]
+        with exact_fp32_matmuls():
+            return fp32_forward(self.model, images.to(device=device, dtype=torch.float32), self.products)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(radius, pred) per image, radius in the L2 norm of pixel space; certified at ε iff radius > ε."""
+        require_no_autocast()
+        device = self.model.embed.weight.device
+        if self.mode == "sound":
+            return self.sound(images.to(device=device, dtype=torch.float32))
+        return radius_from_logits(self.logits(images), self.lipschitz, self.distances)
+
+
+def certify(model: LipNeXt, images: torch.Tensor, mode: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """(radius, pred) per image of `model` (fp32 weights) at `images` (in [0, 1], (B, 3, H, W)).
+
+    pred is the prediction of the certified classifier (mode "fp32": the IEEE fp32 forward pass; "sound":
+    the float64 one), and no x' with ‖x' − x‖₂ < radius changes it (in "fp32" mode: up to the rounding
+    of the forward pass, which only "sound" covers). Refused inside torch.autocast or with reduced-
+    precision fp32 matmuls. For many batches build one `Certifier(model, mode)` and call it per batch.
+    """
+    return Certifier(model, mode)(images)
+
+
+def radius_from_logits(
+    logits: torch.Tensor, lipschitz: float, distances: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """min_{j≠ŷ} (z_ŷ − z_j) / (L·d_ŷj) in float64, the margin rounded down and the divisor up."""
+    z = logits.detach().to(torch.float64)
     pred = z.argmax(dim=1)
-    margins = z.gather(1, pred[:, None]) - z
-    distances = pair_distances[pred]
-    ratio = margins / (lipschitz * distances)
-    ratio.scatter_(1, pred[:, None], float("inf"))
+    margins = tensor_down(z.gather(1, pred[:, None]) - z)
+    divisor = tensor_up(lipschitz * distances.to(z.device)[pred])
+    ratio = tensor_down(margins / divisor).clamp_min(0.0)
+    ratio.scatter_(1, pred[:, None], math.inf)
     return ratio.min(dim=1).values, pred
+
+
+def fp32_forward(model: LipNeXt, images: torch.Tensor, products: list[torch.Tensor]) -> torch.Tensor:
+    """The model's forward pass with each block's P = M·Rᵀ given (formed once by the caller), eager.
+
+    Op for op what `LipNeXtBlock.forward` does in its fused form (tests/test_certify.py compares the
+    logits), but with the P whose norm the bound measured rather than one recomputed per call: this P-once
+    forward *is* the certified fp32 classifier, whatever form training uses.
+    """
+    x = model.embed((images - 0.5).to(model.embed.weight.dtype))
+    for block, p in zip(model.blocks, products, strict=True):
+        x = _block_forward(block, x, p)
+    return model.head(l2_spatial_pool(x)).float()
+
+
+def _block_forward(block, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    # A function of its own so that its intermediates die on return, as in the block's own forward.
+    shifted = spatial_shift((x + block.pos) @ block.R.t(), block.alpha)
+    return beta_abs(F.linear(shifted, p, block.bias), block.beta)
 
 
 @torch.no_grad()
 def certification_counts(
-    model: LipNeXt,
+    certifier: Certifier,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     eps_list: list[float],
-    lipschitz: float,
-    pair_distances: torch.Tensor,
+    keep: list | None = None,
 ) -> torch.Tensor:
-    """[correct, certified at each ε…, total] over `batches`: counts, so ranks can sum theirs."""
+    """[correct, certified at each ε…, total] over `batches`: counts, so ranks can sum theirs.
+
+    Certified at ε: correct and radius > ε. With `keep` (a list), (radius, pred, label) of every batch
+    is appended to it on the CPU.
+    """
+    model = certifier.model
     was_training = model.training
     model.eval()
     counts = torch.zeros(len(eps_list) + 2, dtype=torch.long)
-    device = next(model.parameters()).device
-    for images, labels in batches:
-        with exact_fp32_matmuls():
-            radius, pred = certified_radius(model, model(images.to(device)), lipschitz, pair_distances)
-        hit = pred == labels.cpu()
-        counts[0] += hit.sum()
-        counts[1:-1] += torch.stack([(hit & (radius >= eps)).sum() for eps in eps_list])
-        counts[-1] += len(labels)
-    model.train(was_training)
+    try:
+        for images, labels in batches:
+            radius, pred = certifier(images)
+            radius, pred, labels = radius.cpu(), pred.cpu(), labels.cpu()
+            hit = pred == labels
+            counts[0] += hit.sum()
+            counts[1:-1] += torch.stack([(hit & (radius > eps)).sum() for eps in eps_list])
+            counts[-1] += len(labels)
+            if keep is not None:
+                keep.append((radius, pred, labels))
+    finally:
+        model.train(was_training)
     return counts
 
 
-def summarize(counts: torch.Tensor, eps_list: list[float], lipschitz: float) -> dict:
+def summarize(counts: torch.Tensor, eps_list: list[float], lipschitz: float, mode: str = "fp32") -> dict:
     total = int(counts[-1])
     if total == 0:
         raise ValueError("evaluation saw no samples")
@@ -129,6 +263,7 @@ def summarize(counts: torch.Tensor, eps_list: list[float], lipschitz: float) -> 
         "cra": [{"eps": eps, "cra": int(c) / total} for eps, c in zip(eps_list, counts[1:-1])],
         "lipschitz_bound": lipschitz,
         "num_samples": total,
+        "mode": mode,
     }
 
 
@@ -136,13 +271,13 @@ def evaluate(
     model: LipNeXt,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     eps_list: Iterable[float] = DEFAULT_EPS,
+    mode: str = "fp32",
 ) -> dict:
     """Clean accuracy and CRA at each ε over `batches` of (images in [0,1], labels); fp32 weights only."""
-    require_fp32(model)
     eps_list = list(eps_list)
-    lipschitz = model.lipschitz_bound()
-    counts = certification_counts(model, batches, eps_list, lipschitz, head_pair_distances(model))
-    return summarize(counts, eps_list, lipschitz)
+    certifier = Certifier(model, mode)
+    counts = certification_counts(certifier, batches, eps_list)
+    return summarize(counts, eps_list, certifier.lipschitz, mode)
 
 
 def format_table(result: dict) -> str:
@@ -150,5 +285,9 @@ def format_table(result: dict) -> str:
     lines = [f"{'ε':>10}  {'accuracy':>9}", f"{'clean':>10}  {100 * result['clean_acc']:8.2f}%"]
     for row in result["cra"]:
         lines.append(f"{row['eps']:10.4f}  {100 * row['cra']:8.2f}%")
-    lines.append(f"Lipschitz bound of the backbone: {result['lipschitz_bound']:.6f} (fp32 weights, float64)")
+    mode = result.get("mode", "fp32")
+    lines.append(
+        f"Lipschitz bound of the backbone: {result['lipschitz_bound']:.6f} (fp32 weights, float64, "
+        f"rounded outward; {mode} mode)"
+    )
     return "\n".join(lines)

@@ -185,6 +185,16 @@ class CertifyConfig:
         metadata=_help("radii at which CRA is reported (each epoch and in `eval.json`)"),
     )
     batch_size: int = field(default=256, metadata=_range(1, help="evaluation and certification batch"))
+    mode: str = field(
+        default="fp32",
+        metadata=_choices(
+            "fp32",
+            "sound",
+            help="`fp32`: IEEE fp32 forward, its rounding not covered; `sound`: float64 forward with a "
+            "rigorous bound on its rounding, so the certificate holds for the float64 classifier "
+            "(docs/soundness.md)",
+        ),
+    )
     reported_cra: list[tuple[float, float]] = field(
         default_factory=list,
         metadata=_help(

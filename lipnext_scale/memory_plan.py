@@ -44,11 +44,12 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
   and a buffer of its size is counted; plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input I = B·3·S²·4 and the larger of the stem's (the centred
-  images and their patch copy, 2·I, and its output N·W·4) and the blocks' (4 + [βW ≥ 1])·N·W·4 alive at
-  once (measured; tests/test_plan_memory.py; the stem's is the larger when W < 1.5·p², e.g. 224-pixel
-  images at width 64, tests/test_dryrun.py), one M·Rᵀ (W²·4; unfused, N < W: the N·W·4 intermediate
-  instead) and the head's C²·8 + 2·B·C·4 — or the float64 bound of one matrix (2·W²·8), or the
-  all-gather's copy of this rank's fp32 segment (several ranks), whichever is larger.
+  images and their patch copy, 2·I, and its output N·W·4) and the blocks' (3 + [βW ≥ 1])·N·W·4 alive at
+  once (measured on the certification forward; tests/test_plan_memory.py; the stem's is the larger when
+  W < 1.5·p², e.g. 224-pixel images at width 64, tests/test_dryrun.py) and the head's C²·8 + 2·B·C·4 — or
+  the float64 bound of one matrix (9·W²·8 with three squarings), or the all-gather's copy of this rank's
+  fp32 segment (several ranks), whichever is larger; and through all of them, every block's M·Rᵀ
+  (L·W²·4), formed once so that the bound measures the product the forward pass applies.
 
 Peak = weights + gradient buffer + optimizer state
        + max(activation peak + transient gradients, optimizer step, evaluation).
@@ -193,26 +194,29 @@ def step_transient(params: dict, world_size: int, b: int) -> int:
 
 def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: int, world_size: int) -> dict:
     """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
-    _, width = SIZES[model.size]
+    depth, width = SIZES[model.size]
     n = batch * (model.image_size // model.patch) ** 2
-    alive = 4 + (round(model.beta * width) > 0)
+    alive = 3 + (round(model.beta * width) > 0)  # measured on the certification forward (fp32_forward)
     c = model.num_classes
-    # + one block's M·Rᵀ (or, unfused, its N·W intermediate), the float64 class-pair distances, logits and
-    # margins.
-    mix = width * width * 4 if fuse_second_mix(n, width) else n * width * 4
-    head = mix + c * c * 8 + 2 * batch * c * 4
+    # Every block's P = M·Rᵀ, formed once and held for the whole evaluation (lipnext_scale.certify).
+    products = depth * width * width * 4
+    # + the float64 class-pair distances, logits and margins.
+    head = c * c * 8 + 2 * batch * c * 4
     images = batch * 3 * model.image_size**2 * 4
     stem = 2 * images + n * width * 4  # centred images, their patch copy, the embedding
     forward = images + max(stem, int(alive * n * width * 4)) + head
-    bound = 2 * params["largest_matrix"] * 8
+    # operator_norm_bound: X and XᵀX − I in float64, then two W×W float64 per squaring level, plus one
+    # elementwise temporary (lipnext_scale.rounding.DEFECT_SQUARINGS = 3).
+    bound = (3 + 2 * 3) * params["largest_matrix"] * 8
     gather = params["segment"] * 4 if world_size > 1 else 0  # the all-gather's input copy of this rank's part
     fp32_copy = params["grad_buffer"] if accumulation > 1 else 0
     return {
         "batch": batch,
         "fp32_copy": fp32_copy,
+        "products": products,
         "forward": forward,
         "bound": bound,
-        "extra": fp32_copy + max(forward, bound, gather),
+        "extra": fp32_copy + products + max(forward, bound, gather),
     }
 
 

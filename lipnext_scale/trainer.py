@@ -17,7 +17,7 @@ from tqdm import tqdm
 from lipnext_scale import distributed
 from lipnext_scale import engine as ds
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
-from lipnext_scale.certify import certification_counts, format_table, head_pair_distances, summarize
+from lipnext_scale.certify import Certifier, certification_counts, format_table, summarize
 from lipnext_scale.checkpoint import (
     IncompleteCheckpoint,
     load_checkpoint,
@@ -276,13 +276,13 @@ class Trainer:
     def _certified_at(
         logits: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, eps: float
     ) -> torch.Tensor:
-        """How many training-batch points are correct with margin radius ≥ eps (a device scalar), taking the
+        """How many training-batch points are correct with margin radius > eps (a device scalar), taking the
         backbone's bound as 1 and the compute-dtype head: a progress signal, not a certificate (evaluation
         certifies with fp32 weights)."""
         distances = head_pair_distances_from_unit_rows(head)[labels]
         margins = logits.gather(1, labels[:, None]) - logits
         radius = (margins / distances).scatter(1, labels[:, None], float("inf")).amin(1)
-        return (radius >= eps).sum()
+        return (radius > eps).sum()
 
     # --- evaluation and outputs ---
 
@@ -326,20 +326,34 @@ class Trainer:
         """Clean accuracy and CRA on the validation split, certified with the fp32 masters (collective).
 
         The masters are gathered into the gradient buffer, idle between steps, and the model on them is
-        dropped before training goes on: evaluation adds no full-size buffer to the training peak."""
+        dropped before training goes on: evaluation adds no full-size buffer to the training peak. The
+        per-matrix bound work (W³ each) is split across ranks; only its scalars travel. Certification is
+        eager and in `certify.mode` (fp32 or sound) whatever the recipe compiles."""
         eps_list = list(self.recipe.certify.eps)
+        mode = self.recipe.certify.mode
         with self.optimizer.fp32_state_in_grad_buffer() as state:
             model = self.fp32_model(state)
-            lipschitz = model.lipschitz_bound()
-            distances = head_pair_distances(model)
-            counts = certification_counts(model, self.val_loader, eps_list, lipschitz, distances)
-            del model
+            share = (self.dist.rank, self.dist.world_size, self._sum_scalars)
+            certifier = Certifier(model, mode, share=share)
+            counts = certification_counts(certifier, self.val_loader, eps_list)
+            lipschitz = certifier.lipschitz
+            del model, certifier
         counts = distributed.all_reduce_sum(counts.to(distributed.comm_device())).cpu()
-        result = summarize(counts, eps_list, lipschitz)
+        result = summarize(counts, eps_list, lipschitz, mode)
         result["orthogonality_error"] = self.orthogonality_error()
         result["num_params"] = self.num_params
         self._window_since = time.perf_counter()  # evaluation time is not training FLOP/s
         return result
+
+    @staticmethod
+    def _sum_scalars(values: list[float]) -> list[float]:
+        """Element-wise sum of a float64 scalar list over ranks, on the communication device. Used for the
+        per-matrix bounds: each entry is non-zero on one rank only, so the sum is exact and every rank
+        receives the same floats."""
+        if distributed.world_size() == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=distributed.comm_device())
+        return distributed.all_reduce_sum(t).cpu().tolist()
 
     def log(self, record: dict) -> None:
         if self.metrics_file:

@@ -7,22 +7,39 @@ documented.
 - On the quickstart model trained in `tests/conftest.py`, PGD-L2 never changes a prediction within its
   certified radius (and never moves a logit difference faster than the certificate allows), but does at
   twice the radius.
+- Rounding: on the hand-built model, whose radii are exactly tight, the float32 rounding search breaks
+  fp32-mode certificates and never a sound one; on the trained model it breaks no sound certificate.
+- The API: `certify(model, images)` computes its own logits (eager, P formed once, exact fp32 matmuls),
+  refuses autocast and non-fp32 weights; radius > ε (not ≥) counts as certified.
 - EMMA: cross-entropy as ε → 0; competitors raised by min(margin, ε·‖w_y − w_i‖)⁺; the fraction detached.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lipnext_scale
-from lipnext_scale.certify import certified_radius, evaluate, exact_fp32_matmuls, head_pair_distances
+from lipnext_scale.audit import audit, rounding_search
+from lipnext_scale.certify import (
+    Certifier,
+    certification_counts,
+    certified_radius,
+    certify,
+    evaluate,
+    exact_fp32_matmuls,
+    fp32_forward,
+    head_pair_distances,
+    radius_from_logits,
+)
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.loss import emma_loss
 from lipnext_scale.model import LipNeXt
+from tests.conftest import QUICKSTART
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -100,22 +117,28 @@ def test_certified_radius_of_a_hand_built_model_is_exact(alpha, beta):
     # With R = M = I, a shift only moves entries within a channel and β-Abs keeps their magnitudes: the pooled
     # per-channel norms are the same for any α, β.
     model = identity_model(alpha, beta)
-    assert model.lipschitz_bound() == 1.0  # identity matrices are exactly orthogonal in fp32
+    lipschitz = model.lipschitz_bound()
+    # Identity matrices are exactly orthogonal; what is left is the outward rounding of the bound itself.
+    assert 1.0 < lipschitz < 1 + 1e-12
     torch.manual_seed(1)
     images = torch.rand(16, 3, IMAGE, IMAGE)
     radius_hand, pred_hand, _, rows, z_hand = hand_radius(model, images)
     assert torch.equal(model.head.normalized_weight().double(), rows)
     z = logits64(model, images)
     assert torch.allclose(z, z_hand, atol=1e-12, rtol=0)
-    radius, pred = certified_radius(model, z)
+    radius, pred = radius_from_logits(z, lipschitz, head_pair_distances(model))
     assert torch.equal(pred, pred_hand)
     assert torch.allclose(radius, radius_hand, atol=1e-9, rtol=0)
     assert (radius > 0).all()
-    # From the fp32 forward pass, as `evaluate` does: the same up to fp32 rounding of the logits.
-    with torch.no_grad():
-        radius32, pred32 = certified_radius(model, model(images))
+    # From the fp32 forward pass (fp32 mode): the same up to fp32 rounding of the logits.
+    radius32, pred32 = certify(model, images)
     assert torch.equal(pred32, pred_hand)
     assert torch.allclose(radius32, radius_hand, atol=1e-5, rtol=0)
+    # Sound mode: never above the exact radius, and below it only by the rounding bound.
+    radius64, pred64 = certify(model, images, mode="sound")
+    assert torch.equal(pred64, pred_hand)
+    assert (radius64 <= radius_hand * (1 + 1e-12)).all()
+    assert (radius64 >= radius_hand * (1 - 1e-9)).all()
 
 
 @pytest.mark.parametrize("alpha, beta", [(0.0, 0.0), (1 / 8, 0.5)])
@@ -125,7 +148,9 @@ def test_certified_radius_is_tight_along_the_worst_direction(alpha, beta):
     model = identity_model(alpha, beta, seed=2)
     torch.manual_seed(3)
     images = torch.rand(32, 3, IMAGE, IMAGE, dtype=torch.float64)
-    radius, pred = certified_radius(model, logits64(model, images))
+    radius, pred = radius_from_logits(
+        logits64(model, images), model.lipschitz_bound(), head_pair_distances(model)
+    )
     _, _, runner_up, rows, _ = hand_radius(model, images)
     pixels = channel_pixels(images)
     features = hand_features(images)
@@ -158,46 +183,81 @@ def test_certified_radius_is_tight_along_the_worst_direction(alpha, beta):
     assert tested >= 8
 
 
-def test_certified_radius_arguments_and_refusals():
+def test_certify_arguments_and_refusals():
     model = identity_model(0.0, 0.0, seed=4)
     torch.manual_seed(5)
-    z = logits64(model, torch.rand(6, 3, IMAGE, IMAGE))
-    radius, pred = certified_radius(model, z)
+    images = torch.rand(6, 3, IMAGE, IMAGE)
+    radius, pred = certify(model, images)
     distances = head_pair_distances(model)
-    assert torch.allclose(distances, distances.t(), atol=0)
-    assert torch.equal(distances.diagonal(), torch.zeros(NUM_CLASSES, dtype=torch.float64))
-    same, _ = certified_radius(model, z, lipschitz=1.0, pair_distances=distances)
+    assert (distances.diagonal() < 1e-200).all()  # 0 plus the bound's underflow allowance
+    assert torch.allclose(distances, distances.t(), rtol=1e-15, atol=0)
+    z = Certifier(model).logits(images)
+    same, _ = radius_from_logits(z, Certifier(model).lipschitz, distances)
     assert torch.equal(same, radius)
-    halved, pred2 = certified_radius(model, z, lipschitz=2.0)
-    assert torch.allclose(halved, radius / 2, atol=1e-15, rtol=0) and torch.equal(pred2, pred)
+    halved, pred2 = radius_from_logits(z, 2.0 * Certifier(model).lipschitz, distances)
+    assert torch.allclose(halved, radius / 2, rtol=1e-14, atol=0) and torch.equal(pred2, pred)
     # A tie between the top two logits certifies nothing.
     tied = z.clone()
     top2 = tied[0].topk(2).indices
     tied[0, top2[1]] = tied[0, top2[0]]
-    assert certified_radius(model, tied)[0][0].item() == 0.0
-    # Never with non-fp32 weights, even when the bound and distances are handed in.
+    assert radius_from_logits(tied, 1.0, distances)[0][0].item() == 0.0
+    # Never with non-fp32 weights; never inside autocast; never from bare logits.
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         with pytest.raises(ValueError, match="fp32"):
-            certified_radius(copy.deepcopy(model).to(dtype), z, lipschitz=1.0, pair_distances=distances)
+            certify(copy.deepcopy(model).to(dtype), images)
+    for mode in ("fp32", "sound"):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
+            certify(model, images, mode=mode)
+    certifier = Certifier(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
+        certifier(images)
+    with pytest.raises(TypeError, match=r"certify\(model, images"):
+        certified_radius(model, z)
+    with pytest.raises(ValueError, match="mode"):
+        Certifier(model, "fp16")
 
 
-def test_evaluate_counts_certified_accuracy():
-    model = identity_model(1 / 8, 0.5, seed=6)
-    torch.manual_seed(7)
-    images = torch.rand(20, 3, IMAGE, IMAGE)
-    radius, pred, *_ = hand_radius(model, images)
-    labels = pred.clone()
-    labels[:5] = (labels[:5] + 1) % NUM_CLASSES  # 5 wrong
-    eps_list = [0.0, radius.median().item(), 10.0]
-    batches = [(images[:8], labels[:8]), (images[8:], labels[8:])]
-    result = evaluate(model, batches, eps_list)
-    assert result["num_samples"] == 20
-    assert result["clean_acc"] == pytest.approx(15 / 20)
-    hit = pred == labels
-    for row, eps in zip(result["cra"], eps_list):
-        assert row["eps"] == eps
-        assert row["cra"] == pytest.approx((hit & (radius >= eps)).sum().item() / 20)
-    assert result["lipschitz_bound"] == 1.0
+def test_fp32_forward_is_the_model_forward_with_p_formed_once(trained_quickstart):
+    """The certified fp32 logits are those of `LipNeXt.forward` up to fp32 rounding (same ops, P once), and
+    the bound is computed from the very P applied: ‖E‖·Π‖R‖‖P‖ covers the exact norms of those matrices."""
+    model = lipnext_scale.load_pretrained(trained_quickstart / "model.safetensors")
+    certifier = Certifier(model)
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        # Bit for bit while the block forms M·Rᵀ itself; a block that applies R and M separately rounds
+        # differently, by fp32 rounding only.
+        certified = fp32_forward(model, images, certifier.products)
+        assert torch.allclose(certified, model(images), rtol=1e-5, atol=1e-5)
+    for block, p in zip(model.blocks, certifier.products):
+        assert p.dtype == torch.float32 and torch.equal(p, block.M.detach() @ block.R.detach().t())
+    exact = math.prod(
+        torch.linalg.matrix_norm(m.detach().double(), ord=2).item()
+        for _, m in model.lipschitz_factors(certifier.products)
+    )
+    assert exact <= certifier.lipschitz < exact * (1 + 1e-5)
+
+
+def test_recipe_certify_mode_is_validated():
+    from lipnext_scale.config import ConfigError, load_recipe
+
+    assert load_recipe(QUICKSTART, ["certify.mode=sound"]).certify.mode == "sound"
+    assert load_recipe(QUICKSTART).certify.mode == "fp32"
+    with pytest.raises(ConfigError, match="'certify.mode' is 'fp16'; allowed: 'fp32', 'sound'"):
+        load_recipe(QUICKSTART, ["certify.mode=fp16"])
+
+
+def test_certified_means_radius_strictly_above_eps():
+    """At ‖δ‖ = r there can be an exact tie, so a point whose radius equals ε is not certified at ε."""
+    model = identity_model(1 / 8, 0.5, seed=10)
+    torch.manual_seed(11)
+    images = torch.rand(12, 3, IMAGE, IMAGE)
+    certifier = Certifier(model)
+    radius, pred = certifier(images)
+    eps = radius[3].item()
+    counts = certification_counts(certifier, [(images, pred)], [eps])
+    assert counts.tolist() == [12, int((radius > eps).sum()), 12]
+    assert int((radius > eps).sum()) < int((radius >= eps).sum())
 
 
 @pytest.fixture
@@ -208,25 +268,24 @@ def reduced_fp32_matmuls():
     torch.backends.cuda.matmul.fp32_precision = torch.backends.mkldnn.matmul.fp32_precision = "none"
 
 
-def test_certificates_refuse_reduced_precision_logits_and_compute_their_own_exactly(reduced_fp32_matmuls):
+def test_certificates_compute_their_own_logits_exactly_under_reduced_precision(reduced_fp32_matmuls):
     model = identity_model(1 / 8, 0.5, seed=8)
     torch.manual_seed(9)
     images = torch.rand(12, 3, IMAGE, IMAGE)
-    with pytest.raises(ValueError, match="exact fp32 logits"):
-        certified_radius(model, model(images))
     settings_in_forward = []
-    hook = model.register_forward_hook(
+    hook = model.head.register_forward_hook(
         lambda *_: settings_in_forward.append(
             (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
         )
     )
     result = evaluate(model, [(images, torch.zeros(12, dtype=torch.long))])
+    radius, _ = certify(model, images)
     hook.remove()
-    assert settings_in_forward == [("ieee", "ieee")]
+    assert settings_in_forward == [("ieee", "ieee")] * 2
     assert torch.get_float32_matmul_precision() == "medium"  # the process's own setting is back
     with exact_fp32_matmuls():
-        radius, _ = certified_radius(model, model(images))
-    assert result["num_samples"] == 12 and len(radius) == 12
+        again, _ = certify(model, images)
+    assert result["num_samples"] == 12 and torch.equal(radius, again)
 
 
 # ----------------------------------------------------------------------------- PGD on a trained model
@@ -272,10 +331,10 @@ def test_pgd_never_breaks_a_certificate_but_breaks_twice_the_radius(trained_quic
     manifest = make_digits_shards(run_dir / "data")["test"]
     images, labels = next(iter(build_loader(manifest, batch_size=PGD_POINTS, train=False, image_size=32)))
     assert images.shape == (PGD_POINTS, 3, 32, 32) and images.dtype == torch.float32
-    lipschitz = model.lipschitz_bound()
-    assert 1.0 <= lipschitz < 1.001
-    with torch.no_grad():
-        radius, pred = certified_radius(model, model(images))
+    certifier = Certifier(model)
+    lipschitz = certifier.lipschitz
+    assert 1.0 <= lipschitz < 1 + 1e-4
+    radius, pred = certifier(images)
     assert (pred == labels).float().mean().item() > 0.5  # a trained model, not a random one
     certified = radius > 0
     assert certified.sum().item() >= PGD_POINTS // 2
@@ -315,6 +374,140 @@ def test_pgd_never_breaks_a_certificate_but_breaks_twice_the_radius(trained_quic
     z_out = logits64(model, x[outside] + worst_delta[outside])
     broken = (z_out.argmax(dim=1) != y[outside]).sum().item()
     assert broken >= n // 4, f"PGD broke only {broken} of {n} points at twice their radius"
+
+
+# ----------------------------------------------------------------------------- rounding
+
+
+def worst_directions(model: LipNeXt, images: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The exact worst perturbation of each image of the hand-built model (see the tightness test), or 0."""
+    _, pred, runner_up, rows, _ = hand_radius(model, images)
+    pixels, features = channel_pixels(images), hand_features(images)
+    out, usable = torch.zeros(images.shape, dtype=torch.float64), []
+    for n in range(len(images)):
+        y, j = pred[n].item(), runner_up[n].item()
+        change = -radius[n].item() * (rows[y] - rows[j]) / torch.linalg.vector_norm(rows[y] - rows[j])
+        if (features[n] + change <= 0).any():
+            continue
+        k = 0
+        for c in range(3):
+            for i in range(PATCH):
+                for jj in range(PATCH):
+                    v = pixels[k][n]
+                    out[n, c, i::PATCH, jj::PATCH] = (change[k] * v / torch.linalg.vector_norm(v)).view(
+                        IMAGE // PATCH, IMAGE // PATCH
+                    )
+                    k += 1
+        usable.append(n)
+    return out, usable
+
+
+def test_rounding_search_breaks_tight_fp32_certificates_but_never_sound_ones():
+    """The hand-built model's radii are exactly tight, so along the worst direction the last float32 point
+    of the certified ball sits on the decision boundary up to rounding: the fp32 classifier flips there for
+    some points (fp32-mode certificates do not cover rounding), the float64 classifier never does inside
+    its sound radius."""
+    model = identity_model(1 / 8, 0.5, seed=2)
+    torch.manual_seed(3)
+    images = torch.rand(24, 3, IMAGE, IMAGE)
+    broken = {}
+    for mode in ("fp32", "sound"):
+        certifier = Certifier(model, mode)
+        radius, pred = certifier(images)
+        directions, usable = worst_directions(model, images, radius)
+        assert len(usable) >= 8
+
+        def predict(batch, certifier=certifier):
+            return certifier.logits(batch).argmax(dim=1)
+
+        found = rounding_search(predict, images[usable], pred[usable], radius[usable], directions[usable])
+        for v in found:  # each claimed violation re-checked from its example
+            n = usable[v["index"]]
+            x_adv = v.pop("example")[None]
+            assert x_adv.dtype == torch.float32
+            assert torch.linalg.vector_norm(x_adv.double() - images[n].double()).item() < radius[n].item()
+            assert predict(x_adv).item() != pred[n].item()
+        broken[mode] = len(found)
+    assert broken["sound"] == 0
+    assert broken["fp32"] >= 2, broken  # the search has teeth
+
+
+def test_rounding_bound_covers_the_measured_error_of_an_fp32_forward():
+    """The a-priori analysis run for binary32 (u = 2⁻²⁴) must bound the actual difference between the fp32
+    and the float64 evaluation (float64 is 2²⁹× more precise: a near-exact reference) — at x and at points
+    of the ball ‖x'' − x‖ ≤ r, with the bound computed at x. A dropped or mis-propagated term shows."""
+    from lipnext_scale.sound import SoundCertifier
+
+    torch.manual_seed(12)
+    model = LipNeXt(depth=3, width=64, num_classes=10, image_size=16, patch=4).eval()
+    with torch.no_grad():
+        for block in model.blocks:  # every term in play: positional terms and biases not zero
+            block.pos.normal_(0, 0.5)
+            block.bias.normal_(0, 0.5)
+        model.head.bias.normal_(0, 1.0)
+    x = torch.rand(16, 3, 16, 16)
+    s32, s64 = SoundCertifier(model, dtype=torch.float32), SoundCertifier(model)
+    r = 2.0
+    z32, e32 = s32.logits_and_error(x)
+    delta = torch.randn_like(x)
+    delta = 0.999 * r * delta / torch.linalg.vector_norm(delta.flatten(1), dim=1).view(-1, 1, 1, 1)
+    for points in (x, x + delta):
+        step = torch.linalg.vector_norm((points - x).flatten(1).double(), dim=1)
+        assert (step <= r).all()
+        z32_at, _ = s32.logits_and_error(points)
+        z64_at, e64 = s64.logits_and_error(points)
+        actual = (z32_at.double() - z64_at).abs()
+        allowed = (e32.c0 + e32.c1 * r)[:, None] + s32.bias_term
+        allowed = allowed + (e64.c0 + e64.c1 * r)[:, None] + s64.bias_term
+        assert (actual <= allowed).all()
+        # Worst-case bounds (γ_n grows like n, typical rounding like √n): loose, but not vacuous.
+        assert actual.max() > 0 and (allowed / actual.clamp_min(1e-30)).min() < 1e6
+    assert (e32.c0 > 0).all() and e32.c1 > 0
+
+
+def test_sound_radius_is_the_margin_reduced_by_the_error_bound():
+    """r* satisfies m̂_j − 2(e_ŷ(r*) + e_j(r*)) ≥ L·d_ŷj·r* for every j (the definition), with equality for
+    the worst j up to rounding. Run with the binary32 analysis, whose errors are large enough to show."""
+    from lipnext_scale.sound import SoundCertifier
+
+    torch.manual_seed(13)
+    model = LipNeXt(depth=2, width=64, num_classes=10, image_size=16, patch=4).eval()
+    x = torch.rand(16, 3, 16, 16)
+    sound = SoundCertifier(model, dtype=torch.float32)
+    z, e = sound.logits_and_error(x)
+    radius, pred = sound(x)
+    z = z.double()
+    alpha = e.c0[:, None] + sound.bias_term[None, :]
+    margins = z.gather(1, pred[:, None]) - z
+    reduced = margins - 2 * (alpha.gather(1, pred[:, None]) + alpha) - 4 * e.c1 * radius[:, None]
+    allowed = sound.lipschitz * sound.distances[pred] * radius[:, None]
+    others = torch.ones_like(z, dtype=torch.bool).scatter(1, pred[:, None], False)
+    positive = radius > 0  # (radius 0: the reduced margin is ≤ 0 for some j, nothing certified)
+    assert positive.sum() >= 8
+    check = others & positive[:, None]
+    assert (reduced[check] >= allowed[check] * (1 - 1e-12)).all()
+    slack = (reduced - allowed).masked_fill(~others, math.inf).min(dim=1).values
+    assert (slack[positive].abs() <= 1e-9 * margins.abs().max()).all()  # the worst pair is tight
+    plain = (margins / (sound.lipschitz * sound.distances[pred])).masked_fill(~others, math.inf).min(1).values
+    assert (radius[positive] < plain[positive] * (1 - 1e-6)).all()  # the reduction is real
+
+
+def test_sound_certificates_survive_the_audit_on_a_trained_model(trained_quickstart):
+    model = lipnext_scale.load_pretrained(trained_quickstart / "model.safetensors")
+    manifest = make_digits_shards(trained_quickstart / "data")["test"]
+    images, labels = next(iter(build_loader(manifest, batch_size=8, train=False, image_size=32)))
+    certifier = Certifier(model, "sound")
+    radius, pred = certifier(images)
+    fp32_radius, fp32_pred = certify(model, images)
+    assert torch.equal(pred, fp32_pred)
+    assert torch.allclose(radius, fp32_radius, rtol=1e-4, atol=0)  # rounding costs little here
+    keep = radius > 0
+    assert keep.sum() >= 6
+    report = audit(certifier, images[keep], radius[keep], steps=20, restarts=1, apgd=False, rounding_tries=32)
+    assert report["mode"] == "sound" and "rounding_search" in report["attacks"]
+    assert report["violations"] == []
+    for ratio in report["min_margin_ratio"].values():
+        assert 0 < ratio < 1  # the attacks made progress and never crossed
 
 
 # ----------------------------------------------------------------------------- EMMA

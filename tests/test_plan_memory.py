@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from lipnext_scale import memory_plan as plan_memory
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
-from lipnext_scale.certify import certification_counts, head_pair_distances
+from lipnext_scale.certify import Certifier, certification_counts
 from lipnext_scale.config import load_recipe
 from lipnext_scale.loss import classification_loss
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
@@ -195,8 +195,7 @@ def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro)
             with torch.device("meta"):
                 fp32 = build_model(recipe)
             fp32.load_state_dict(state, assign=True)
-            bound = fp32.lipschitz_bound()
-            certification_counts(fp32, [(images, labels)], [0.1], bound, head_pair_distances(fp32))
+            certification_counts(Certifier(fp32), [(images, labels)], [0.1])
             in_buffer = all(
                 t.untyped_storage().data_ptr() == optimizer.grad_buffer.untyped_storage().data_ptr()
                 for t in state.values()

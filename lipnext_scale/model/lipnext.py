@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -13,11 +12,11 @@ from lipnext_scale.model.layers import (
     LipNeXtBlock,
     LLNHead,
     PatchEmbedding,
-    gram_defect,
     init_orthogonal_,
     l2_spatial_pool,
     orthogonality_error,
 )
+from lipnext_scale.rounding import operator_norm_bound, product_up
 
 # Paper sizes (L = depth, W = width) and small ones for CPU runs and tests. Parameters ≈ 2·L·W².
 # The 2B shape is unpublished; L32W5760 gives 2.12B (DESIGN.md §1).
@@ -33,13 +32,7 @@ SIZES: dict[str, tuple[int, int]] = {
 }
 
 
-def operator_norm_bound(matrix: torch.Tensor) -> float:
-    """A sound upper bound on ‖X‖₂ for a tall X, from its fp32 values in float64.
-
-    ‖X‖₂² = λ_max(XᵀX) ≤ 1 + ‖XᵀX − I‖₂ ≤ 1 + ‖XᵀX − I‖_F. Unlike power iteration (a lower estimate),
-    this can only over-state the norm.
-    """
-    return math.sqrt(1.0 + torch.linalg.matrix_norm(gram_defect(matrix), ord="fro").item())
+__all__ = ["SIZES", "LipNeXt", "build_lipnext", "operator_norm_bound"]
 
 
 class LipNeXt(nn.Module):
@@ -104,17 +97,42 @@ class LipNeXt(nn.Module):
         for block in self.blocks:
             yield from (block.R, block.R, block.M)
 
+    def mixing_products(self) -> list[torch.Tensor]:
+        """P = M·Rᵀ of every block, formed once as the block's forward forms it (same dtype, same op)."""
+        return [block.M.detach() @ block.R.detach().t() for block in self.blocks]
+
+    def lipschitz_factors(self, products: list[torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
+        """(name, matrix) whose operator norms multiply to the backbone's Lipschitz bound, in a fixed order.
+
+        With `products` (the P = fl(M·Rᵀ) that an evaluation actually applies) each block contributes
+        ‖R‖₂·‖P‖₂, so the rounding of the product is covered; without, ‖R‖₂²·‖M‖₂ (the exact product's
+        bound, used by the float64 sound mode, which charges the rounding of P to its error bound)."""
+        out = [("embed.weight", self.embed.weight)]
+        for i, block in enumerate(self.blocks):
+            out.append((f"blocks.{i}.R", block.R))
+            if products is None:
+                out += [(f"blocks.{i}.R", block.R), (f"blocks.{i}.M", block.M)]
+            else:
+                out.append((f"blocks.{i}.P", products[i]))
+        return out
+
     @torch.no_grad()
-    def lipschitz_bound(self) -> float:
+    def lipschitz_bound(self, products: list[torch.Tensor] | None = None) -> float:
         """Sound upper bound on the backbone's L2 Lipschitz constant (images → pooled features).
 
-        The product of per-use operator-norm bounds of the actual weights; every other layer is exactly
-        1-Lipschitz. Compute it on the fp32 weights: bf16 weights make it meaningless.
+        The product of per-use operator-norm bounds (`operator_norm_bound`, rounded outward) of the
+        actual weights, on their own device; every other layer is exactly 1-Lipschitz. See
+        `lipschitz_factors` for `products`. Compute it on the fp32 weights: bf16 weights make it
+        meaningless.
         """
         if self.embed.weight.dtype != torch.float32:
             raise ValueError(f"lipschitz_bound needs fp32 weights, model holds {self.embed.weight.dtype}")
-        norms = {id(p): operator_norm_bound(p) for _, p in self.orthogonal_parameters()}
-        return math.prod(norms[id(p)] for p in self.orthogonal_uses())
+        factors = self.lipschitz_factors(products)
+        norms: dict[str, float] = {}
+        for name, matrix in factors:
+            if name not in norms:
+                norms[name] = operator_norm_bound(matrix)
+        return product_up(norms[name] for name, _ in factors)
 
     @torch.no_grad()
     def orthogonality_error(self) -> float:
