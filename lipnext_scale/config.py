@@ -106,11 +106,15 @@ class RunConfig:
     # Weights & Biases logging (offline unless WANDB_MODE is set; `wandb sync <output_dir>/wandb/...` later).
     wandb: bool = False
     wandb_project: str = "lipnext_scale"
-    # Checkpoints go to <output_dir>/checkpoints every n optimizer steps (0 = only at the end).
+    # Checkpoints go to <output_dir>/checkpoints every n optimizer steps and/or every m minutes of wall
+    # time (0 = off), on a stop signal (SIGINT/SIGTERM/SIGUSR1) and at the end.
     checkpoint_every: int = field(default=0, metadata=_range(0))
+    checkpoint_minutes: float = field(default=0.0, metadata=_range(0))
     keep_checkpoints: int = field(default=2, metadata=_range(1))
-    # Continue from <output_dir>/checkpoints/latest when it exists.
+    # Continue from the newest complete checkpoint in <output_dir>/checkpoints when there is one.
     resume: bool = True
+    # A rank waiting this long in a collective (another rank died or hangs) stops the run with an error.
+    collective_timeout_s: float = field(default=300.0, metadata=_range(0, lo_open=True))
 
 
 @dataclass

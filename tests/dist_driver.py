@@ -5,11 +5,16 @@ fed its slice of the same fixed global batches, so N ranks and one process see i
 
     dist_driver.py parity OUT STEPS DATA_ROOT        losses + gathered masters after STEPS steps
     dist_driver.py nonfinite OUT DATA_ROOT           a NaN micro-batch on the last rank is skipped everywhere
+    dist_driver.py kill_during_save STEP RANK RECIPE [OVERRIDES]
+                                                     train.py's run, but rank RANK is SIGKILLed once its
+                                                     file of checkpoint STEP is written (before the manifest)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -101,9 +106,21 @@ def run_nonfinite(out: Path, data_root: str) -> None:
     trainer.close()
 
 
+def run_kill_during_save(kill_step: int, kill_rank: int, recipe: str, overrides: list[str]) -> None:
+    def kill_here(step: int, rank: int) -> None:
+        if (step, rank) == (kill_step, kill_rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = Trainer(load_recipe(recipe, overrides), after_rank_file=kill_here)
+    trainer.save(trainer.fit())
+    trainer.close()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    if mode == "parity":
+    if mode == "kill_during_save":
+        run_kill_during_save(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])
+    elif mode == "parity":
         run_parity(out, int(sys.argv[3]), sys.argv[4])
     elif mode == "nonfinite":
         run_nonfinite(out, sys.argv[3])
