@@ -40,6 +40,14 @@ def _last_checkpoint(recipe) -> str:
     return str(latest.parent / latest.read_text().strip()) if latest.exists() else "none"
 
 
+def _collective_failure(exc: RuntimeError) -> bool:
+    """A peer died (connection reset/closed) or a collective timed out: gloo raises plain RuntimeErrors."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     is_main = os.environ.get("RANK", "0") == "0"
@@ -76,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         trainer.close()
         return EXIT_REQUEUE
-    except dist.DistError as exc:  # a peer died (connection closed) or a collective timed out
+    except RuntimeError as exc:
+        if not _collective_failure(exc):
+            raise
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         print(
             f"error: {_where()}: a collective failed ({first}); another rank has probably died (the launcher "

@@ -125,19 +125,26 @@ class SlurmCluster:
                 return
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited ({p.returncode}) while waiting for {what}; see {self.root}")
+                    raise RuntimeError(f"{p.args[0]} exited ({p.returncode}); logs in {self.root}")
             time.sleep(0.2)
         raise RuntimeError(f"timed out waiting for {what}; logs in {self.root}")
 
-    def sbatch(self, *args: str, cwd: Path) -> int:
-        out = self.run("sbatch", "--parsable", *args, cwd=cwd).stdout.strip()
+    def sbatch(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> int:
+        """Submit; the job runs with this process's environment plus `env` (sbatch --export=ALL)."""
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr}")
+        out = proc.stdout.strip()
         return int(out.split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
         out = self.run("scontrol", "-o", "show", "job", str(job_id), check=False).stdout
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
-    def wait_job(self, job_id: int, states: tuple[str, ...], timeout: float = 300) -> dict[str, str]:
+    def wait_job(self, job_id: int, states: tuple[str, ...], timeout: float = 900) -> dict[str, str]:
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)

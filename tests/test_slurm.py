@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from tests.conftest import QUICKSTART, REPO
 from tests.slurm_cluster import SlurmCluster, missing_requirements
 
 TRAIN = REPO / "lipnext_scale" / "train.py"
-STEPS = 36
+STEPS = 24
 # Every rank of a run must exit within this many seconds of another rank's death.
 DETECT_BOUND_S = 30
 ARGS = [
@@ -38,16 +39,16 @@ ARGS = [
     "data.batch_size=32",
     f"train.max_steps={STEPS}",
     "train.log_every=1",
-    "run.checkpoint_every=12",
+    "run.checkpoint_every=8",
     "run.collective_timeout_s=20",
     "certify.batch_size=500",
 ]
 
-pytestmark = pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
-
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
+    if missing_requirements():  # reported as skipped (not run), with what it needs
+        pytest.skip(f"a real Slurm cluster {missing_requirements()}")
     c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield c
     c.stop()
@@ -66,7 +67,7 @@ def submit(cluster: SlurmCluster, out: Path, digits_root: Path) -> int:
     return cluster.sbatch(
         "-N2", "--ntasks-per-node=1", "--requeue", "--open-mode=append", f"--output={out}/slurm.out",
         str(REPO / "launch.sh"), "--cpu", "--nodes", "2", "--gpus", "1", "--python", sys.executable,
-        *run_args(out, digits_root), cwd=REPO,
+        *run_args(out, digits_root), cwd=REPO, env=env(),
     )  # fmt: skip
 
 
@@ -81,7 +82,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model.safetensors"))
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
+def wait_for_step(run_dir: Path, step: int, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     path = run_dir / "metrics.jsonl"
     while time.time() < deadline:
@@ -152,13 +153,15 @@ def test_sbatch_two_nodes_matches_torchrun_two_ranks(uninterrupted, tmp_path, di
     assert all(a[s] == pytest.approx(b[s], rel=1e-2) for s in a)
 
 
-def test_usr1_requeue_then_kill9_and_resubmit_end_bit_identical(cluster, uninterrupted, tmp_path, digits_root):
+def test_usr1_requeue_then_kill9_and_resubmit_end_bit_identical(
+    cluster, uninterrupted, tmp_path, digits_root
+):
     out = tmp_path / "preempted"
     job = submit(cluster, out, digits_root)
     wait_for_step(out, 4)
     cluster.run("scancel", "--signal=USR1", str(job))
     # The ranks finish their step, save, exit 75; launch.sh requeues the job, which resumes.
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     log = out / "slurm.out"
     while "resumed from" not in (log.read_text() if log.exists() else ""):
         assert time.time() < deadline, log.read_text()[-3000:]
@@ -169,7 +172,7 @@ def test_usr1_requeue_then_kill9_and_resubmit_end_bit_identical(cluster, uninter
     assert "stopped by SIGUSR1 after step" in text and "requeueing job" in text
     assert int(cluster.job(job).get("Restarts", "0")) >= 1
 
-    wait_for_step(out, 20)
+    wait_for_step(out, 14)
     elapsed = kill_rank_and_time(
         out, 1, lambda: cluster.job(job).get("JobState") in ("FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL")
     )
@@ -179,7 +182,7 @@ def test_usr1_requeue_then_kill9_and_resubmit_end_bit_identical(cluster, uninter
     text = log.read_text()
     assert "task 1" in text and "Killed" in text  # srun names the task (rank) and its node
     resumed_at = json.loads((out / "checkpoints" / "latest").read_text().removeprefix("global_step") or "0")
-    assert resumed_at >= 12
+    assert resumed_at >= 8
 
     job = submit(cluster, out, digits_root)
     info = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"))
@@ -203,7 +206,7 @@ def test_truncated_newest_rank_file_falls_back_to_previous_checkpoint(
     text = (out / "slurm.out").read_text()
     assert info["JobState"] == "COMPLETED", text[-3000:]
     assert f"global_step{STEPS}/rank00001.safetensors: damaged" in text and "falling back" in text
-    assert "resumed from" in text and "global_step24 at step 24" in text
+    assert "resumed from" in text and "global_step16 at step 16" in text
     a, b = weights(out), weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -227,8 +230,12 @@ def test_kill9_under_torchrun_c10d_and_deepspeed_ends_within_bound(tmp_path, dig
             for cmd in commands
         ]  # fmt: skip
         wait_for_step(out, 3)
-        elapsed = kill_rank_and_time(out, 1, lambda: all(p.poll() is not None for p in procs))
+        elapsed = kill_rank_and_time(out, 1, lambda procs=procs: all(p.poll() is not None for p in procs))
         print(f"{name}: every launcher ended {elapsed:.1f} s after kill -9 of rank 1")
         text = "".join(p.stdout.read() for p in procs)
+        (tmp_path / f"{name}.log").write_text(text)
         assert all(p.returncode != 0 for p in procs) and elapsed < DETECT_BOUND_S, text[-3000:]
-        assert "rank 0" in text and "Last complete checkpoint" in text
+        # The survivor says what happened and where to resume from; the launcher names the dead rank.
+        assert "error: rank 0 on" in text and "Last complete checkpoint" in text, text[-3000:]
+        named = r"rank\s*:\s*1 \(local_rank" if name == "torchrun" else r"exits with return code = -9"
+        assert re.search(named, text), text[-3000:]
