@@ -454,3 +454,16 @@ def test_slurm_job_port_cpus_and_unconfigured_scontrol(bin_dir):
         "env DS_ACCELERATOR=cpu MASTER_ADDR=n1 MASTER_PORT=23456 srun --nodes=2 --ntasks=2 "
         "--ntasks-per-node=1 --cpus-per-task=12 "
     )
+
+
+def test_missing_shard_manifest_is_one_line_on_rank_0(tmp_path):
+    # A real 2-rank CPU launch (DeepSpeed launcher; torchrun adds its own traceback for any failed worker)
+    # from a directory without the ImageNet shards.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [BASH, str(LAUNCH), "--cpu", "--gpus", "2", "recipes/in1k_1b.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "shard manifest" in errors[0] and "tools/make_shards.py" in errors[0], errors
