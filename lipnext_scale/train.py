@@ -37,7 +37,10 @@ def _where() -> str:
 
 def _last_checkpoint(recipe) -> str:
     latest = Path(recipe.run.output_dir) / "checkpoints" / "latest"
-    return str(latest.parent / latest.read_text().strip()) if latest.exists() else "none"
+    if not latest.exists():
+        return "Last complete checkpoint: none yet (the same command starts afresh)."
+    tag = latest.parent / latest.read_text().strip()
+    return f"Last complete checkpoint: {tag}; run the same command again to resume from it."
 
 
 def _collective_failure(exc: RuntimeError) -> bool:
@@ -90,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         print(
             f"error: {_where()}: a collective failed ({first}); another rank has probably died (the launcher "
-            f"names it). Last complete checkpoint: {_last_checkpoint(recipe)}; run the same command "
-            "again to resume from it.",
+            f"names it). {_last_checkpoint(recipe)}",
             file=sys.stderr,
             flush=True,
         )

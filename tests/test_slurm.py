@@ -236,7 +236,8 @@ def test_kill9_under_torchrun_c10d_and_deepspeed_ends_within_bound(tmp_path, dig
         text = "".join(p.stdout.read() for p in procs)
         (tmp_path / f"{name}.log").write_text(text)
         assert all(p.returncode != 0 for p in procs) and elapsed < DETECT_BOUND_S, text[-3000:]
-        # The survivor says what happened and where to resume from; the launcher names the dead rank.
+        # The survivor says what happened and where to resume from. torchrun names the dead rank; DeepSpeed's
+        # launcher names only the first process it saw end, which may be the survivor (exit 1).
         assert "error: rank 0 on" in text and "Last complete checkpoint" in text, text[-3000:]
-        named = r"rank\s*:\s*1 \(local_rank" if name == "torchrun" else r"exits with return code = -9"
+        named = r"rank\s*:\s*1 \(local_rank" if name == "torchrun" else r"exits with return code = (-9|1)"
         assert re.search(named, text), text[-3000:]
