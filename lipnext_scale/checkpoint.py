@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lipnext_scale.config import ConfigError
 from lipnext_scale.engine import all_gather_objects, barrier
 
 MANIFEST = "checkpoint.json"
@@ -247,22 +248,19 @@ class Checkpointer:
     def check_shared(self) -> None:
         """Refuse a checkpoint directory that not every rank sees (node-local disks): resuming would split
         the ranks between a checkpoint and a fresh start."""
-        token = uuid.uuid4().hex if self.rank == 0 else None
-        probe = None
+        token = all_gather_objects(uuid.uuid4().hex if self.rank == 0 else None)[0]
+        probe = self.dir / f".shared-probe-{token}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".shared-probe-{token}"
             _atomic_write_text(probe, token)
-        token = all_gather_objects(token)[0]
-        probe = self.dir / f".shared-probe-{token}"
+        barrier()
         seen = probe.exists() and probe.read_text() == token
         views = all_gather_objects((seen, socket.gethostname()))
-        barrier()
         if self.rank == 0:
             probe.unlink(missing_ok=True)
         blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
         if blind:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{self.dir.resolve()}: the checkpoint directory is not shared by every rank "
                 f"({', '.join(blind)} cannot see a file rank 0 wrote there); set run.output_dir to a "
                 "filesystem that every node mounts (not node-local disk such as /tmp)"
@@ -348,14 +346,14 @@ class Checkpointer:
             state = json.loads(meta[name])
             if getattr(obj, "sharded", False):
                 state["tensors"] = self._gather_owned(tag_dir, manifest, name, obj.owned_names())
-            elif not same_world and name not in ("trainer",):
+            elif not same_world and name != "trainer":  # the trainer's state is the same on every rank
                 skipped.append(name)
                 continue
             else:
                 prefix = name + "/"
-                state["tensors"] = {
-                    k.removeprefix(prefix): v for k, v in own_tensors.items() if k.startswith(prefix)
-                }
+                tensors = {k.removeprefix(prefix): v for k, v in own_tensors.items() if k.startswith(prefix)}
+                if tensors:
+                    state["tensors"] = tensors
             obj.load_state_dict(state)
         return skipped
 

@@ -155,3 +155,16 @@ def test_plot_run_draws_each_step_once(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     steps, _ = plot.read_metrics(tmp_path)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_directory_not_every_rank_sees_is_refused_at_start_up(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(REPO / "tests" / "dist_driver.py"), "not_shared", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        message = (tmp_path / f"not_shared_rank{rank}.txt").read_text()
+        assert "not shared by every rank (rank 1 on" in message and "run.output_dir" in message
