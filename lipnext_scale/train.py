@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         trainer.close()
-        return EXIT_REQUEUE
+        # Straight out, skipping interpreter teardown: that restores the default signal handlers, and
+        # under `srun --kill-on-bad-exit` the SIGTERM that follows the first rank's exit would then kill
+        # a rank still tearing down, turning srun's status 75 (requeue) into 143.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_REQUEUE)
     except RuntimeError as exc:
         if not _collective_failure(exc):
             raise

@@ -2,7 +2,7 @@
 CPU ranks with gloo, the quickstart at L6W64 for a few dozen steps.
 
 - a 2-node × 1-rank sbatch job sees the same batches as a 2-rank torchrun run, losses equal to rounding;
-- one job is sent SIGUSR1 (scancel --signal=USR1): it checkpoints, exits 75 and requeues itself; the
+- one job's batch shell is sent SIGUSR1 (scancel --batch --signal=USR1): it checkpoints, exits 75 and requeues itself; the
   requeued job resumes; then one of its ranks is killed -9: the job ends non-zero within a bound, naming
   the task; resubmitted, it resumes and finishes with weights bit-identical to the uninterrupted job's;
 - the newest checkpoint's rank file truncated: the resume falls back to the previous one and says so;
@@ -160,7 +160,9 @@ def test_usr1_requeue_then_kill9_and_resubmit_end_bit_identical(
     out = tmp_path / "preempted"
     job = submit(cluster, out, digits_root)
     wait_for_step(out, 4)
-    cluster.run("scancel", "--signal=USR1", str(job))
+    # As `sbatch --signal=B:USR1@120` does before the time limit: to the batch shell (launch.sh) alone,
+    # which passes it to srun, which passes it to the ranks.
+    cluster.run("scancel", "--batch", "--signal=USR1", str(job))
     # The ranks finish their step, save, exit 75; launch.sh requeues the job, which resumes.
     deadline = time.time() + 600
     log = out / "slurm.out"
