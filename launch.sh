@@ -3,9 +3,13 @@
 # Run `./launch.sh --help` for the options.
 set -euo pipefail
 
-ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+# Under sbatch the script runs from a spool copy: SLURM_SUBMIT_DIR is where it was submitted (from the
+# repository root, or set LIPNEXT_ROOT).
+ROOT=${LIPNEXT_ROOT:-$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)}
+[[ -f $ROOT/lipnext_scale/train.py || -z ${SLURM_SUBMIT_DIR:-} ]] || ROOT=$SLURM_SUBMIT_DIR
 PROG="${0##*/}"
 TRAIN="lipnext_scale/train.py"
+[[ $PWD == "$ROOT" ]] || TRAIN="$ROOT/$TRAIN"
 
 usage() {
     cat <<EOF
@@ -13,10 +17,16 @@ Usage: $PROG [OPTIONS] RECIPE.yaml [OVERRIDE ...]
 
 Launch lipnext_scale/train.py with one process per GPU. Options go before RECIPE; everything after
 RECIPE (dotted overrides such as train.epochs=2, values with spaces included) is passed to train.py
-verbatim. The command runs from the repository root ($ROOT), so it works from any
-directory: RECIPE and --hostfile are looked up relative to the current directory first (RECIPE then
-relative to the repository root), and relative paths inside recipes (run.output_dir) resolve against
-the repository root.
+verbatim. The command runs in the current directory, like train.py: relative paths (RECIPE,
+--hostfile, run.output_dir) are relative to it; a RECIPE not found there is looked up in the repository
+($ROOT).
+
+As an sbatch script (the job's node list, CPUs and a job-unique port are taken from Slurm):
+  sbatch --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 --cpus-per-task 12 --requeue \
+         --signal=B:USR1@120 launch.sh --nodes 2 --gpus 8 recipes/in1k_1b.yaml
+SIGUSR1/SIGTERM/SIGINT are passed to the ranks, which finish their step, save a checkpoint and exit
+with status 75; in a Slurm batch job this script then requeues the job (scontrol requeue), and the
+requeued job resumes from that checkpoint.
 
 Three setups, picked from the options:
   single node    (default)            deepspeed --num_gpus N ...   or, with --launcher torchrun,
@@ -47,12 +57,14 @@ Options:
                       (gpu[01-03,07] -> gpu01 gpu02 gpu03 gpu07; a,b -> a b), so --dry-run also works
                       on a machine without SLURM.
   --slurm             SLURM run even with one node (srun with one task per GPU).
-  --port P            rendezvous port, MASTER_PORT (default 29500). On a single node it is passed only
-                      when given (deepspeed --master_port P; torchrun then uses a static rendezvous on
-                      127.0.0.1:P instead of --standalone).
+  --port P            rendezvous port, MASTER_PORT (default 29500; in a Slurm job 20000 + job id mod
+                      20000, so that jobs sharing a node do not collide). On a single node outside
+                      Slurm it is passed only when given (deepspeed --master_port P; torchrun then uses a
+                      static rendezvous on 127.0.0.1:P instead of --standalone).
   --python EXE        Python interpreter that srun starts in a SLURM run (default: python).
   --cpu               run on CPUs (gloo): exports DS_ACCELERATOR=cpu to the launched processes and skips
-                      the GPU checks; --gpus is then the number of CPU processes per node. (In a
+                      the GPU checks; --gpus is then the number of CPU processes per node. Without it,
+                      a machine with no GPU visible (no nvidia-smi) is refused. (In a
                       hostfile run deepspeed does not forward DS_ACCELERATOR to the other hosts; list it
                       in their ~/.deepspeed_env, or use hosts without GPUs.)
   --dry-run           print the exact commands that would run, one per line and shell-quoted so they
@@ -66,7 +78,8 @@ more --gpus than visible GPUs) stop the script with exit code 2 and a message on
 exit code is the launcher's.
 
 Environment read: SLURM_JOB_NODELIST (or SLURM_NODELIST), SLURM_NNODES (or SLURM_JOB_NUM_NODES),
-SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES. With deepspeed on a single node and CUDA_VISIBLE_DEVICES set,
+SLURM_GPUS_ON_NODE, SLURM_CPUS_PER_TASK (passed to srun, which no longer inherits it since Slurm 22.05),
+SLURM_JOB_ID, CUDA_VISIBLE_DEVICES. With deepspeed on a single node and CUDA_VISIBLE_DEVICES set,
 the first N listed GPUs are selected with --include localhost:IDS (deepspeed --num_gpus would ignore
 CUDA_VISIBLE_DEVICES).
 
@@ -116,16 +129,6 @@ print_cmd() {
 
 is_posint() {
     [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 > 0))
-}
-
-# A path given on the command line, made usable from the repository root (where the command runs).
-from_root() {
-    local path=$1
-    if [[ $path == /* || $PWD == "$ROOT" ]]; then
-        printf '%s' "$path"
-    else
-        printf '%s/%s' "$PWD" "$path"
-    fi
 }
 
 # Expand one node-list element such as gpu[01-03,07] (possibly with several bracket groups), one host
@@ -186,11 +189,10 @@ expand_nodelist_bash() {
 
 expand_nodelist() {
     local list=$1 out
-    if command -v scontrol >/dev/null 2>&1; then
-        out=$(scontrol show hostnames "$list") || die "scontrol show hostnames '$list' failed"
-    else
+    # scontrol can be installed without a configuration ("Could not establish a configuration source").
+    if ! out=$(scontrol show hostnames "$list" 2>/dev/null); then
         out=$(expand_nodelist_bash "$list") || die "cannot expand the SLURM node list '$list'" \
-            "(this script expands comma lists and bracket ranges such as gpu[01-03,07] when scontrol is absent)"
+            "(without a working scontrol this script expands comma lists and bracket ranges such as gpu[01-03,07])"
     fi
     [[ -n $out ]] || die "the SLURM node list '$list' holds no hosts"
     printf '%s\n' "$out"
@@ -304,9 +306,9 @@ esac
 [[ -n $PYTHON_EXE ]] || die "--python needs a non-empty interpreter"
 
 if [[ -f $RECIPE ]]; then
-    RECIPE=$(from_root "$RECIPE")
+    :
 elif [[ $RECIPE != /* && -f $ROOT/$RECIPE ]]; then
-    : # relative to the repository root, where the command runs
+    [[ $PWD == "$ROOT" ]] || RECIPE="$ROOT/$RECIPE"
 else
     die "recipe not found: '$RECIPE'"
 fi
@@ -328,6 +330,13 @@ LAUNCHER=${LAUNCHER:-deepspeed}
 
 ENV_PREFIX=()
 ((CPU == 0)) || ENV_PREFIX=(DS_ACCELERATOR=cpu)
+if ((CPU == 0 && DRY_RUN == 0)) && ! command -v nvidia-smi >/dev/null 2>&1 &&
+    [[ ! ${SLURM_GPUS_ON_NODE:-0} =~ ^[1-9] ]]; then
+    die "--gpus $GPUS: no GPU is visible here (no nvidia-smi); pass --cpu to run $GPUS CPU processes per node"
+fi
+if [[ -z $PORT && ${SLURM_JOB_ID:-} =~ ^[0-9]+$ ]]; then
+    PORT=$((20000 + SLURM_JOB_ID % 20000))
+fi
 
 CMD=()
 case $MODE in
@@ -420,6 +429,7 @@ case $MODE in
         # Every task sees all of its node's GPUs and picks one by LOCAL_RANK (the trainer calls
         # torch.cuda.set_device(LOCAL_RANK)); --gpus-per-task=1 would leave it only device 0.
         ((CPU == 1)) || CMD+=("--gpus-per-node=$GPUS")
+        [[ -z ${SLURM_CPUS_PER_TASK:-} ]] || CMD+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
         [[ -z $NODELIST ]] || CMD+=("--nodelist=$NODELIST")
         CMD+=(--kill-on-bad-exit=1)
         # Single-quoted so that each task evaluates its own SLURM_PROCID/SLURM_LOCALID.
@@ -454,7 +464,7 @@ case $MODE in
         NODES=${NODES:-${#HOSTS[@]}}
         ((NODES == ${#HOSTS[@]})) ||
             die "--nodes $NODES does not match hostfile $HOSTFILE, which has ${#HOSTS[@]} host(s): ${HOSTS[*]}"
-        CMD=(deepspeed --hostfile "$(from_root "$HOSTFILE")" --num_nodes "$NODES" --num_gpus "$GPUS"
+        CMD=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NODES" --num_gpus "$GPUS"
             --master_addr "${HOSTS[0]}" --master_port "${PORT:-29500}"
             "$TRAIN" "$RECIPE" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
         ;;
@@ -465,7 +475,7 @@ if ((${#ENV_PREFIX[@]} > 0)); then
 fi
 
 if ((DRY_RUN == 1)); then
-    print_cmd cd "$ROOT"
+    print_cmd cd "$PWD"
     print_cmd "${CMD[@]}"
     exit 0
 fi
@@ -476,7 +486,25 @@ case $MODE in
 esac
 command -v "$launcher_exe" >/dev/null 2>&1 || die "'$launcher_exe' not found in PATH (needed for this $MODE run)"
 
-cd "$ROOT"
-printf '%s: running: %s' "$PROG" "$(print_cmd "${CMD[@]}")" >&2
-printf '\n' >&2
-exec "${CMD[@]}"
+printf '%s: running: %s\n' "$PROG" "$(print_cmd "${CMD[@]}")" >&2
+[[ -n ${SLURM_JOB_ID:-} ]] || exec "${CMD[@]}"
+
+# In a Slurm job: the launcher runs in the background so that this shell can pass on the signals sent
+# to it alone (sbatch --signal=B:USR1@120), and requeue the job when the ranks stopped with a checkpoint.
+"${CMD[@]}" &
+child=$!
+for sig in USR1 TERM INT; do
+    # shellcheck disable=SC2064  # $sig and $child are meant to be expanded now
+    trap "kill -$sig $child 2>/dev/null" "$sig"
+done
+status=0
+wait "$child" || status=$?
+while kill -0 "$child" 2>/dev/null; do # wait returned for a trapped signal; the launcher runs on
+    status=0
+    wait "$child" || status=$?
+done
+if ((status == 75)); then
+    echo "$PROG: the run stopped with a complete checkpoint; requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID" || warn "scontrol requeue $SLURM_JOB_ID failed; resubmit to resume"
+fi
+exit "$status"

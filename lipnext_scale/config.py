@@ -207,7 +207,12 @@ class CertifyConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = field(default="runs/quickstart", metadata=_help("where everything is written"))
+    output_dir: str = field(
+        default="runs/quickstart",
+        metadata=_help(
+            "where everything is written (relative to the current directory, also for `launch.sh`)"
+        ),
+    )
     wandb: bool = field(
         default=False,
         metadata=_help("log to Weights & Biases, offline unless `WANDB_MODE` is set (`wandb sync` later)"),
@@ -219,9 +224,27 @@ class RunConfig:
             0, help="checkpoint to `<output_dir>/checkpoints` every n steps (0: at the end only)"
         ),
     )
+    checkpoint_minutes: float = field(
+        default=0.0,
+        metadata=_range(
+            0,
+            help="also checkpoint every m minutes of wall time (0 = off); a stop signal (SIGINT, SIGTERM, "
+            "SIGUSR1) checkpoints too, after the step every rank is in",
+        ),
+    )
     keep_checkpoints: int = field(default=2, metadata=_range(1, help="newest checkpoints kept on disk"))
     resume: bool = field(
-        default=True, metadata=_help("continue from `<output_dir>/checkpoints/latest` when it exists")
+        default=True,
+        metadata=_help("continue from the newest complete checkpoint in `<output_dir>/checkpoints`"),
+    )
+    collective_timeout_s: float = field(
+        default=300.0,
+        metadata=_range(
+            0,
+            lo_open=True,
+            help="a rank waiting this long in a collective (another rank died or hangs) stops the run "
+            "with an error",
+        ),
     )
 
 

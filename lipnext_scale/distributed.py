@@ -92,6 +92,17 @@ def all_gather(values: torch.Tensor) -> torch.Tensor:
     return out.view(dist.get_world_size(), *values.shape)
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order. For the control plane only (checkpoint resolution, the
+    shared-directory check): a pickle and a host round trip per call, so never in a step. torch stages the
+    pickles on the communication device itself (the current CUDA device under NCCL)."""
+    if not _many():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def reduce_scatter_flat(out: torch.Tensor, flat: torch.Tensor) -> None:
     """`out` ← this rank's 1/N slice of the sum over ranks of `flat` (len(flat) = N·len(out))."""
     if not _many():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -61,8 +62,11 @@ def _say_if_compiling_comm_op() -> None:
         )
 
 
-def setup_distributed(local_rank_arg: int | None = None) -> DistInfo:
-    """Join (or, for a plain `python train.py`, create) the process group: NCCL on GPUs, gloo on CPUs."""
+def setup_distributed(local_rank_arg: int | None = None, timeout_s: float = 300.0) -> DistInfo:
+    """Join (or, for a plain `python train.py`, create) the process group: NCCL on GPUs, gloo on CPUs.
+
+    A collective that waits `timeout_s` (a rank died or hangs) raises instead of hanging; on NCCL that
+    needs asynchronous error handling, on by default since torch 2.2 (TORCH_NCCL_ASYNC_ERROR_HANDLING)."""
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -79,7 +83,9 @@ def setup_distributed(local_rank_arg: int | None = None) -> DistInfo:
     if not dist.is_initialized():
         if not use_cuda and local_rank == 0:
             _say_if_compiling_comm_op()
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_cuda else "gloo", verbose=False, timeout=timedelta(seconds=timeout_s)
+        )
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

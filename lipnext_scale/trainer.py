@@ -18,13 +18,8 @@ from lipnext_scale import distributed
 from lipnext_scale import engine as ds
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
 from lipnext_scale.certify import Certifier, certification_counts, format_table, summarize
-from lipnext_scale.checkpoint import (
-    IncompleteCheckpoint,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from lipnext_scale.config import Recipe
+from lipnext_scale.checkpoint import Checkpointer, RngState, ShardedOptimizerState, tag_for
+from lipnext_scale.config import ConfigError, Recipe
 from lipnext_scale.console import ConsoleLog, memory_text
 from lipnext_scale.data import build_loader, make_digits_shards
 from lipnext_scale.flops import flops_per_image, peak_flops
@@ -33,6 +28,7 @@ from lipnext_scale.memory_plan import GIB, plan
 from lipnext_scale.model.layers import max_orthogonality_defect
 from lipnext_scale.optim import lr_schedule
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
+from lipnext_scale.preemption import SCHEDULE_KEYS, Interrupted, StopRequest, recipe_changes
 from lipnext_scale.pretrained import build_model, save_pretrained
 from lipnext_scale.tracking import WandbLogger, run_info
 
@@ -42,6 +38,14 @@ WINDOW = ("loss_sum", "correct", "certified", "images")
 
 class TooManySkippedSteps(RuntimeError):
     pass
+
+
+def _step_of_record(line: str) -> float:
+    """A metrics line's step (0 when it has none); a line cut short by a crash sorts after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 class ThroughputMeter:
@@ -105,9 +109,17 @@ def data_manifests(recipe: Recipe, is_main: bool) -> tuple[Path, Path]:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, local_rank: int | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        local_rank: int | None = None,
+        stop: StopRequest | None = None,
+        after_rank_file=None,
+    ):
+        """`stop`: the signal flag train.py installs (none: the run is stopped only by its end).
+        `after_rank_file(step, rank)`: the checkpointer's fault-injection hook, for tests."""
         self.recipe = recipe
-        self.dist = ds.setup_distributed(local_rank)
+        self.dist = ds.setup_distributed(local_rank, timeout_s=recipe.run.collective_timeout_s)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.out = Path(recipe.run.output_dir)
@@ -174,13 +186,24 @@ class Trainer:
         # Running sums since the last log step, on the device: loss·n, correct, certified, images. Read on the
         # host only in step_stats (no synchronisation per micro-batch).
         self._window = torch.zeros(len(WINDOW), dtype=torch.float64, device=self.device)
-        resuming = recipe.run.resume and (self.ckpt_dir / "latest").exists()
-        # A resumed run continues its log; a fresh one must not inherit an old run's records.
-        self.metrics_file = (
-            open(self.out / "metrics.jsonl", "a" if resuming else "w") if self.is_main else None
+        self.stop = stop or StopRequest(self.dist.rank)
+        self.checkpointer = Checkpointer(
+            self.ckpt_dir,
+            self.dist.rank,
+            self.dist.world_size,
+            keep=recipe.run.keep_checkpoints,
+            after_rank_file=after_rank_file,
         )
-        if resuming:
-            self._resume()
+        if self.dist.world_size > 1:
+            self.checkpointer.check_shared()
+        self.states = {
+            "trainer": self,
+            "optimizer": ShardedOptimizerState(self.optimizer),
+            "data": self.train_loader,
+            "rng": RngState(),
+        }
+        self.resumed_from = self._resume() if recipe.run.resume else self._fresh("run.resume=false")
+        self.metrics_file = self._open_metrics() if self.is_main else None
         self.wandb = None
         if self.is_main:
             info = run_info(recipe.to_dict(), self.dist.world_size)
@@ -188,9 +211,8 @@ class Trainer:
             if recipe.run.wandb:
                 self.wandb = WandbLogger(self.out, recipe.run.wandb_project, self.out.name, info)
         # Rank 0's console, also in the run directory (the progress bar stays on the terminal).
-        self.console = (
-            ConsoleLog(self.out / "console.log", "a" if resuming else "w") if self.is_main else None
-        )
+        mode = "w" if self.resumed_from is None else "a"
+        self.console = ConsoleLog(self.out / "console.log", mode) if self.is_main else None
         self._log_optimizer_bytes()
         self._log_memory_plan()
         self._window_since = time.perf_counter()
@@ -410,42 +432,77 @@ class Trainer:
 
     # --- checkpoints ---
 
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+
     def save_checkpoint(self) -> None:
+        """Collective. At most one checkpoint per step."""
         if self._saved_step == self.step:
             return
         self._saved_step = self.step
-        state = {"step": self.step, "epoch": self.epoch, "data": self.train_loader.state_dict()}
-        save_checkpoint(
-            self.ckpt_dir,
-            self.step,
-            self.dist.rank,
-            self.dist.world_size,
-            self.optimizer,
-            state,
-            recipe=self.recipe.to_dict(),
-            keep=self.recipe.run.keep_checkpoints,
-        )
+        self.checkpointer.save(self.step, self.states, recipe=self.recipe.to_dict())
+        self._last_save_time = time.monotonic()
 
     def _last_checkpoint(self) -> str:
-        try:
-            return str(resolve_checkpoint(self.ckpt_dir)[0])
-        except IncompleteCheckpoint:
-            return "none"
+        """The checkpoint `latest` names (not re-verified: this is for messages)."""
+        latest = self.ckpt_dir / "latest"
+        return str(self.ckpt_dir / latest.read_text().strip()) if latest.exists() else "none"
 
-    def _resume(self) -> None:
-        tag_dir, manifest = resolve_checkpoint(self.ckpt_dir)
-        state = load_checkpoint(tag_dir, manifest, self.dist.rank, self.dist.world_size, self.optimizer)
-        self.step, self.epoch = state["step"], state["epoch"]
-        if "data" in state:
-            self.train_loader.load_state_dict(state["data"])
-        elif self.is_main:
-            print(
-                f"resuming on {self.dist.world_size} ranks from a {manifest['world_size']}-rank checkpoint: "
-                "the data stream restarts (its position is per rank split)",
-                flush=True,
-            )
+    def _fresh(self, why: str) -> None:
         if self.is_main:
-            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+            print(f"starting fresh at step 0: {why}", flush=True)
+
+    def _resume(self) -> str | None:
+        """Resume from the newest checkpoint that verifies (rank 0 decides for every rank), or start fresh
+        and say why. Refuses a recipe that changes the run."""
+        tag_dir, manifest, notes = self.checkpointer.find()
+        if self.is_main:
+            for note in notes:
+                if note.startswith("skipped"):
+                    print(f"checkpoint {note}; falling back to an older one", flush=True)
+        if tag_dir is None:
+            self._fresh(f"no complete checkpoint in {self.ckpt_dir} ({'; '.join(notes)})")
+            return None
+        refused, accepted = recipe_changes(manifest["recipe"], self.recipe.to_dict())
+        if refused:
+            raise ConfigError(
+                f"{tag_dir} was written by a run whose recipe differs in what changes the run: "
+                + "; ".join(refused)
+                + ". To start a new run, choose another run.output_dir; to start over in this directory "
+                "(its checkpoints are replaced as the new run saves), pass run.resume=false"
+            )
+        skipped = self.checkpointer.load(tag_dir, manifest, self.states)
+        if self.is_main:
+            print(f"resumed from {tag_dir} at step {self.step} (epoch {self.epoch})", flush=True)
+            for line in accepted:
+                schedule = line.startswith(SCHEDULE_KEYS)
+                print(
+                    f"  changed since the checkpoint: {line}"
+                    + (f"; the schedule is recomputed for {self.total_steps} steps" if schedule else ""),
+                    flush=True,
+                )
+            if "data" in skipped:
+                print(
+                    f"resuming on {self.dist.world_size} ranks from a {manifest['world_size']}-rank "
+                    "checkpoint: the data stream restarts its epoch (its position is per rank split)",
+                    flush=True,
+                )
+        return str(tag_dir)
+
+    def _open_metrics(self):
+        """A resumed run continues its log from the checkpoint's step (later records, written after the
+        checkpoint, are dropped: they are about to be written again); a fresh run starts a new log."""
+        path = self.out / "metrics.jsonl"
+        if self.resumed_from is None or not path.exists():
+            return open(path, "w")
+        kept = [line for line in path.read_text().splitlines() if _step_of_record(line) <= self.step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        return open(path, "a")
 
     # --- the loop ---
 
@@ -462,6 +519,7 @@ class Trainer:
         )
         result = None
         meter = ThroughputMeter(self.dist.world_size)
+        self._last_save_time = time.monotonic()
         while self.step < self.total_steps:
             epoch_done = True
             for images, labels in meter.timed(self.train_loader):
@@ -485,8 +543,22 @@ class Trainer:
                 if self.step >= self.total_steps:  # the final weights leave exactly re-orthogonalised
                     self.optimizer.reorthogonalize_masters()
                     self.optimizer.broadcast_weights()
-                if run.checkpoint_every and self.step % run.checkpoint_every == 0:
+                due = bool(run.checkpoint_every) and self.step % run.checkpoint_every == 0
+                timed = (
+                    run.checkpoint_minutes > 0
+                    and self.is_main
+                    and (time.monotonic() - self._last_save_time >= 60 * run.checkpoint_minutes)
+                )
+                stop, timed = self.stop.agreed(timed, self.device)
+                if due or timed or stop:
                     self.save_checkpoint()
+                if stop:
+                    bar.close()
+                    raise Interrupted(
+                        self.stop.received or "a signal on another rank",
+                        self.step,
+                        str(self.ckpt_dir / tag_for(self.step)),
+                    )
                 if self.step >= self.total_steps:
                     epoch_done = self.train_loader.position == len(self.train_loader)
                     break

@@ -5,11 +5,18 @@ fed its slice of the same fixed global batches, so N ranks and one process see i
 
     dist_driver.py parity OUT STEPS DATA_ROOT        losses + gathered masters after STEPS steps
     dist_driver.py nonfinite OUT DATA_ROOT           a NaN micro-batch on the last rank is skipped everywhere
+    dist_driver.py kill_during_save STEP RANK RECIPE [OVERRIDES]
+                                                     train.py's run, but rank RANK is SIGKILLed once its
+                                                     file of checkpoint STEP is written (before the manifest)
+    dist_driver.py not_shared OUT                    each rank sees its own checkpoint directory (node-local
+                                                     disks): check_shared refuses, naming the blind ranks
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -101,9 +108,38 @@ def run_nonfinite(out: Path, data_root: str) -> None:
     trainer.close()
 
 
+def run_kill_during_save(kill_step: int, kill_rank: int, recipe: str, overrides: list[str]) -> None:
+    def kill_here(step: int, rank: int) -> None:
+        if (step, rank) == (kill_step, kill_rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = Trainer(load_recipe(recipe, overrides), after_rank_file=kill_here)
+    trainer.save(trainer.fit())
+    trainer.close()
+
+
+def run_not_shared(out: Path) -> None:
+    from lipnext_scale import engine
+    from lipnext_scale.checkpoint import Checkpointer
+    from lipnext_scale.config import ConfigError
+
+    info = engine.setup_distributed()
+    try:
+        Checkpointer(out / f"node{info.rank}", info.rank, info.world_size).check_shared()
+        message = "accepted"
+    except ConfigError as exc:
+        message = str(exc)
+    (out / f"not_shared_rank{info.rank}.txt").write_text(message)
+    engine.shutdown()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    if mode == "parity":
+    if mode == "not_shared":
+        run_not_shared(out)
+    elif mode == "kill_during_save":
+        run_kill_during_save(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])
+    elif mode == "parity":
         run_parity(out, int(sys.argv[3]), sys.argv[4])
     elif mode == "nonfinite":
         run_nonfinite(out, sys.argv[3])

@@ -156,16 +156,15 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint_bit_identically(
     tmp_path, digits_root, uninterrupted
 ):
     out = tmp_path / "killed"
-    killed = torchrun(
-        2, TRAIN, *train_args(out, digits_root), env={"LIPNEXT_KILL_DURING_SAVE": "8:1"}, check=False
-    )
+    killed = torchrun(2, DRIVER, "kill_during_save", 8, 1, *train_args(out, digits_root), check=False)
     assert killed.returncode != 0
     ckpts = out / "checkpoints"
+    # The tag is written under a temporary name and renamed whole once complete: no global_step8 exists.
     assert (ckpts / "latest").read_text() == "global_step4"
-    assert (ckpts / "global_step8" / "rank00001.safetensors").exists()
-    assert not (ckpts / "global_step8" / "checkpoint.json").exists()
+    assert (ckpts / ".tmp-global_step8" / "rank00001.safetensors").exists()
+    assert not (ckpts / "global_step8").exists()
     refused = subprocess.run(
-        [sys.executable, CONSOLIDATE, ckpts / "global_step8", tmp_path / "x.safetensors"],
+        [sys.executable, CONSOLIDATE, ckpts / ".tmp-global_step8", tmp_path / "x.safetensors"],
         capture_output=True,
         text=True,
     )

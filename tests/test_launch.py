@@ -60,7 +60,7 @@ def dry_run(bin_dir: Path, *args: str, **kwargs) -> list[str]:
     proc = launch(bin_dir, "--dry-run", *args, **kwargs)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == f"cd {shlex.quote(str(REPO))}"
+    assert lines[0] == f"cd {shlex.quote(str(kwargs.get('cwd', REPO)))}"
     return lines[1:]
 
 
@@ -131,15 +131,15 @@ def test_cuda_visible_devices_selects_listed_gpus_for_deepspeed(bin_dir):
 def test_works_from_any_directory(bin_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    # a recipe path relative to the repository root
+    # The command runs in the current directory (run.output_dir is relative to it, as for train.py);
+    # a recipe path not found there is taken from the repository.
     assert dry_run(bin_dir, "--gpus", "1", RECIPE, cwd=elsewhere) == [
-        f"deepspeed --num_gpus 1 lipnext_scale/train.py {RECIPE}"
+        f"deepspeed --num_gpus 1 {REPO}/lipnext_scale/train.py {REPO}/{RECIPE}"
     ]
-    # a recipe path relative to the current directory becomes absolute (the command runs from the repo)
     local = elsewhere / "my recipe.yaml"
     local.write_text("model: {}\n")
     assert dry_run(bin_dir, "--gpus", "1", "my recipe.yaml", cwd=elsewhere) == [
-        f"deepspeed --num_gpus 1 lipnext_scale/train.py {shlex.quote(str(local))}"
+        f"deepspeed --num_gpus 1 {REPO}/lipnext_scale/train.py 'my recipe.yaml'"
     ]
 
 
@@ -294,8 +294,8 @@ def test_hostfile(bin_dir, tmp_path):
 def test_hostfile_relative_to_cwd(bin_dir, tmp_path):
     write_hostfile(tmp_path / "hosts", "h1 slots=2\nh2 slots=2\n")
     assert dry_run(bin_dir, "--hostfile", "hosts", "--port", "1234", "--gpus", "2", RECIPE, cwd=tmp_path) == [
-        f"deepspeed --hostfile {tmp_path / 'hosts'} --num_nodes 2 --num_gpus 2 --master_addr h1 "
-        f"--master_port 1234 lipnext_scale/train.py {RECIPE}"
+        "deepspeed --hostfile hosts --num_nodes 2 --num_gpus 2 --master_addr h1 "
+        f"--master_port 1234 {REPO}/lipnext_scale/train.py {REPO}/{RECIPE}"
     ]
 
 
@@ -399,6 +399,7 @@ def test_gpus_exceed_visible_gpus(bin_dir):
 
 
 def test_missing_launcher_command(bin_dir):
+    fake_tool(bin_dir, "nvidia-smi", "GPU 0: NVIDIA H100 (UUID: GPU-a)\n")
     assert "'torchrun' not found in PATH" in fails(bin_dir, "--launcher", "torchrun", "--gpus", "1", RECIPE)
     assert "'srun' not found in PATH" in fails(bin_dir, "--nodelist", "a,b", "--gpus", "1", RECIPE)
 
@@ -424,3 +425,45 @@ def test_help_documents_every_option(bin_dir):
     ):
         assert option in proc.stdout, option
     assert launch(bin_dir, "-h").stdout == proc.stdout
+
+
+def test_gpus_without_any_gpu_is_refused_unless_cpu(bin_dir):
+    err = fails(bin_dir, "--gpus", "8", "recipes/in1k_1b.yaml")
+    assert "no GPU is visible here" in err and "--cpu" in err
+    err = fails(bin_dir, "--nodelist", "a,b", "--gpus", "8", "recipes/in1k_1b.yaml")
+    assert "no GPU is visible here" in err
+    assert "'deepspeed' not found in PATH" in fails(bin_dir, "--cpu", "--gpus", "8", "recipes/in1k_1b.yaml")
+
+
+def test_slurm_job_port_cpus_and_unconfigured_scontrol(bin_dir):
+    # scontrol installed without a configuration (a laptop with slurm-client) fails: the script's own
+    # expander takes over. The port derives from the job id; srun gets the job's CPUs per task.
+    script = bin_dir / "scontrol"
+    script.write_text(
+        f"#!{BASH}\necho 'scontrol: fatal: Could not establish a configuration source' >&2\nexit 1\n"
+    )
+    script.chmod(0o755)
+    env = {
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_CPUS_PER_TASK": "12",
+    }
+    (line,) = dry_run(bin_dir, "--cpu", "--nodes", "2", "--gpus", "1", RECIPE, env=env)
+    assert line.startswith(
+        "env DS_ACCELERATOR=cpu MASTER_ADDR=n1 MASTER_PORT=23456 srun --nodes=2 --ntasks=2 "
+        "--ntasks-per-node=1 --cpus-per-task=12 "
+    )
+
+
+def test_missing_shard_manifest_is_one_line_on_rank_0(tmp_path):
+    # A real 2-rank CPU launch (DeepSpeed launcher; torchrun adds its own traceback for any failed worker)
+    # from a directory without the ImageNet shards.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [BASH, str(LAUNCH), "--cpu", "--gpus", "2", "recipes/in1k_1b.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "shard manifest" in errors[0] and "tools/make_shards.py" in errors[0], errors

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lipnext_scale.checkpoint import IncompleteCheckpoint, resolve_checkpoint
+from lipnext_scale.checkpoint import FORMAT, IncompleteCheckpoint, resolve_checkpoint
 from lipnext_scale.pretrained import RECIPE_KEY
 
 DTYPE_BYTES = {"F32": 4}
@@ -28,7 +28,9 @@ DTYPE_BYTES = {"F32": 4}
 
 def master_sources(tag_dir: Path, manifest: dict) -> dict[str, tuple[Path, str]]:
     """{parameter name: (rank file, tensor key)} for every parameter's fp32 master."""
-    return {name: (tag_dir / file, f"{name}/master") for name, file in manifest["owners"].items()}
+    # Format v2 keys each state object's tensors by its name ("optimizer/…"); v1 files had none.
+    prefix = "optimizer/" if manifest.get("format") == FORMAT else ""
+    return {name: (tag_dir / file, f"{prefix}{name}/master") for name, file in manifest["owners"].items()}
 
 
 def stream_safetensors(sources: dict[str, tuple[Path, str]], output: Path, metadata: dict[str, str]) -> None:

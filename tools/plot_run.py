@@ -42,7 +42,13 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             steps.append(record)
     if not steps:
         raise RunError(f"{path}: no step records (lines with 'step' and 'loss'); nothing to plot")
-    return steps, evals
+    return _last_per_step(steps), _last_per_step(evals)
+
+
+def _last_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, the last written, in step order: a log that an older version (or a crash
+    between a checkpoint and its log line) left with repeated steps draws no loops."""
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
