@@ -108,3 +108,45 @@ def all_gather_flat(out: torch.Tensor, mine: torch.Tensor) -> None:
         return
     _check_device(out, mine)
     _flat("all_gather_single", "all_gather_into_tensor")(out, mine)
+
+
+# --- asynchronous forms for the sharded optimizer: each returns the pending work (`.wait()`), or None when
+# there was nothing to wait for (a world of one, or async_op=False) ---
+
+
+def reduce_scatter_async(out: torch.Tensor, flat: torch.Tensor, async_op: bool = True):
+    """`reduce_scatter_flat`, returning its work handle when `async_op`."""
+    if not _many():
+        if out.data_ptr() != flat.data_ptr():
+            out.copy_(flat)
+        return None
+    _check_device(out, flat)
+    return _flat("reduce_scatter_single", "reduce_scatter_tensor")(out, flat, async_op=async_op)
+
+
+def all_gather_in_place(flat: torch.Tensor, async_op: bool = True):
+    """Every rank's 1/N slice of `flat` (slice r on rank r) into every rank's `flat`, with no other buffer."""
+    if not _many():
+        return None
+    _check_device(flat)
+    n, r = dist.get_world_size(), dist.get_rank()
+    part = flat.numel() // n
+    return _flat("all_gather_single", "all_gather_into_tensor")(
+        flat, flat[r * part : (r + 1) * part], async_op=async_op
+    )
+
+
+def reduce_to(values: torch.Tensor, owner: int, async_op: bool = True):
+    """Sum over ranks into `values` on rank `owner`; on other ranks `values` is left undefined."""
+    if not _many():
+        return None
+    _check_device(values)
+    return dist.reduce(values, dst=owner, op=dist.ReduceOp.SUM, async_op=async_op)
+
+
+def broadcast_from(values: torch.Tensor, owner: int, async_op: bool = True):
+    """Rank `owner`'s `values` into every rank's `values`."""
+    if not _many():
+        return None
+    _check_device(values)
+    return dist.broadcast(values, src=owner, async_op=async_op)

@@ -3,13 +3,15 @@
 Used before a run by tools/plan_memory.py, and by the trainer, which logs its measured peak beside the plan.
 Nothing is allocated: the model is built on the meta device, and the optimizer state is whatever the real
 `ManifoldOptimizer._initial_state` creates for each parameter (on meta tensors), owned by the rank that the
-real `assign_owners` picks over world = N·K; the gradient buffer is the real `FlatLayout`. Compute dtype is
+real `plan_buckets` picks over world = N·K; the gradient terms are the real buckets' sizes. Compute dtype is
 what `train.precision` resolves to on a GPU (auto → bf16), unless the caller names one.
 
 Per rank (b = bytes of the compute dtype, P = parameters):
 
 - weights: P·b on every rank;
-- gradient accumulation buffer: fp32, full size (padded owner segments) on every rank;
+- gradients (ZeRO-2, `optim/sharded.py`): the fp32 accumulators of the parameters this rank owns (largest
+  rank: ≈ 4·P/N), plus the send buffers of two buckets in flight during backward, fp32 (a scatter bucket
+  holds N equally sized matrices, so this term is 2·N·W²·4 until N exceeds the matrix count);
 - transient compute-dtype gradients: autograd writes each parameter's gradient, a hook moves it into the
   fp32 buffer at once; at most dP (P = M·Rᵀ), dM and dR of one block are alive together: 3·W²·b;
 - optimizer state of the owned parameters: fp32 master (only when b < 4 — an fp32 weight is its own
@@ -35,20 +37,19 @@ Per rank (b = bytes of the compute dtype, P = parameters):
       activation peak     = input + kept + working set + S_block·[the last block is checkpointed]
   tests/test_plan_memory.py checks `kept` against the bytes autograd saves (saved_tensors_hooks) and the
   peak against the live bytes of a real forward/backward, on CPU;
-- optimizer step (activations freed): the reduce-scattered fp32 segment, then either the Riemannian update
-  of one matrix (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) or the all-gather's full
-  compute-dtype buffer plus the segment's copy, whichever is larger;
+- optimizer step (activations freed): the Riemannian update of one matrix (≈ 12 float64 W×W temporaries:
+  FastExp / polar; an estimate); the all-gather runs in place into the weights, with no buffer;
 - evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
-  fp32 weights) into the gradient buffer, idle between steps — no extra bytes — except with gradient
-  accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
-  and a buffer of its size is counted; plus either a no-grad fp32 forward of
+  fp32 weights), 4·P; plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input B·3·S²·4, (4 + [βW ≥ 1])·N·W·4 alive at once
   (measured; tests/test_plan_memory.py), one M·Rᵀ (W²·4; unfused, N < W: the N·W·4 intermediate
   instead) and the head's C²·8 + 2·B·C·4 — or the float64
   bound of one matrix (2·W²·8), whichever is larger.
 
-Peak = weights + gradient buffer + optimizer state
-       + max(activation peak + transient gradients, optimizer step, evaluation).
+Peak = weights + optimizer state
+       + max(gradients + activation peak + transient gradients,   (backward)
+             owned gradient accumulators + optimizer step,        (step; the buckets are gone)
+             evaluation)                                          (no gradients alive).
 A reserve (default 10% of the GPU) is kept for the CUDA context, cuBLAS/NCCL workspaces, DALI's decoder
 buffers and allocator fragmentation, none of which is modelled.
 """
@@ -62,7 +63,7 @@ from lipnext_scale.config import ModelConfig, Recipe
 from lipnext_scale.model.layers import fuse_second_mix
 from lipnext_scale.model.lipnext import SIZES
 from lipnext_scale.optim.manifold import ManifoldOptimizer
-from lipnext_scale.optim.sharded import FlatLayout, assign_owners
+from lipnext_scale.optim.sharded import owners_of, plan_buckets
 from lipnext_scale.pretrained import build_model
 
 GIB = 2**30
@@ -111,8 +112,8 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         model = build_model(recipe)
     named = [(n, p.numel()) for n, p in model.named_parameters()]
     sizes = dict(named)
-    owners = assign_owners(sizes, world_size)
-    layout = FlatLayout.build(named, owners, world_size)
+    buckets = plan_buckets(named, world_size)
+    owners = owners_of(buckets)
     state = optimizer_state_bytes(recipe, dtype)
     b = dtype_bytes(dtype)
     keys = sorted({k for s in state.values() for k in s})
@@ -121,14 +122,23 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         for key, nbytes in parts.items():
             per_rank[owners[name]][key] += nbytes
     totals = [sum(r.values()) for r in per_rank]
+    grads = [0] * world_size
+    for name, size in named:
+        grads[owners[name]] += size * 4
+    # Send buffers alive at once: the one in flight and the one being filled (ShardedManifoldOptimizer,
+    # max_buckets_in_flight = 2), fp32.
+    buckets_in_flight = 2 * max(bk.numel for bk in buckets) * 4
     largest = max(range(world_size), key=lambda r: totals[r])
     matrix = max(sizes.values())
     return {
         "params": sum(sizes.values()),
         "largest_matrix": matrix,
         "weights": sum(sizes.values()) * b,
-        "grad_buffer": layout.total * 4,
-        "segment": layout.segment,
+        "grad_accumulators": max(grads),
+        "buckets": buckets_in_flight,
+        # Gradient memory of the largest rank during backward: what the full-size buffer of ZeRO-1 was.
+        "grad_buffer": max(grads) + buckets_in_flight,
+        "padding": sum(bk.padding for bk in buckets),
         "transient_grads": 3 * matrix * b,
         "optimizer_per_rank": totals,
         "optimizer_by_key_largest_rank": per_rank[largest],
@@ -174,11 +184,8 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
 
 
 def step_transient(params: dict, world_size: int, b: int) -> int:
-    segment = params["segment"]
-    reduced = segment * 4 if world_size > 1 else 0
-    update = UPDATE_TEMPORARIES * params["largest_matrix"] * 8
-    gather = params["segment"] * world_size * b + (segment * b if world_size > 1 else 0)
-    return reduced + max(update, gather)
+    # The reduced gradients are the accumulators (counted in grad_buffer); the all-gather is in place.
+    return UPDATE_TEMPORARIES * params["largest_matrix"] * 8
 
 
 def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: int) -> dict:
@@ -193,7 +200,8 @@ def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: 
     head = mix + c * c * 8 + 2 * batch * c * 4
     forward = batch * 3 * model.image_size**2 * 4 + int(alive * n * width * 4) + head
     bound = 2 * params["largest_matrix"] * 8
-    fp32_copy = params["grad_buffer"] if accumulation > 1 else 0
+    # The gathered fp32 masters (gradients are sharded: there is no idle full-size buffer to borrow).
+    fp32_copy = (params["params"] + params["padding"]) * 4
     return {
         "batch": batch,
         "fp32_copy": fp32_copy,
@@ -209,8 +217,8 @@ def recomputed_blocks(depth: int, checkpointing: int) -> int:
 
 
 def peak_bytes(params: dict, activations: dict, step: int) -> int:
-    static = params["weights"] + params["grad_buffer"] + max(params["optimizer_per_rank"])
-    return static + max(activations["peak"] + params["transient_grads"], step)
+    static = params["weights"] + max(params["optimizer_per_rank"])
+    return static + max(params["grad_buffer"] + activations["peak"] + params["transient_grads"], step)
 
 
 def largest_micro_batch(recipe: Recipe, params: dict, step: int, b: int, ck: int, usable: int, limit=1 << 20):
@@ -244,7 +252,8 @@ def plan(
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
     accumulation = max(1, recipe.data.batch_size // (micro * world_size))
     evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params, accumulation)
-    between = max(step, evaluation["extra"])  # phases between forward/backward passes
+    # Phases between forward/backward passes: the step (owned gradients still alive), evaluation (none).
+    between = max(params["grad_accumulators"] + step, evaluation["extra"])
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
     asked = recipe.model.activation_checkpointing

@@ -54,7 +54,8 @@ def format_plan(p: dict, title: str = "") -> str:
         "",
         f"  {'per rank':<62}{'GiB':>8}",
         row(f"weights ({b}, every rank)", p["weights"]),
-        row("fp32 gradient accumulation buffer (every rank)", p["grad_buffer"]),
+        row("fp32 gradients: owned accumulators (largest rank)", p["grad_accumulators"]),
+        row("fp32 gradients: two buckets in flight during backward", p["buckets"]),
         *(row(f"{names.get(k, k)} (owned; largest rank)", v) for k, v in by_key.items()),
         row(
             f"= optimizer state, largest rank (unsharded {p['optimizer_unsharded'] / GIB:.1f})",
