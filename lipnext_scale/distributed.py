@@ -50,9 +50,28 @@ def _check_device(*tensors: torch.Tensor) -> None:
             )
 
 
+# The module collectives go through: torch.distributed, or — once `engine` has registered it — DeepSpeed's
+# comm layer (`deepspeed.comm`, same signatures), so that its comms logger times and counts them. Only
+# engine.py imports deepspeed; this module receives it.
+_comm = None
+
+
+def use_collectives(comm) -> None:
+    """Send every collective through `comm` (a module with torch.distributed's signatures: deepspeed.comm),
+    or back through torch.distributed with None."""
+    global _comm
+    _comm = comm
+
+
+def _ops():
+    return _comm if _comm is not None else dist
+
+
 def _flat(new: str, old: str):
-    # torch 2.13 renamed the flat-tensor collectives (the old names warn); torch ≤ 2.12 has only the old
-    # ones. Looked up at each call, so that a test can wrap the torch.distributed functions.
+    # torch 2.13 renamed the flat-tensor collectives (the old names warn); torch ≤ 2.12 and deepspeed.comm
+    # have only the old ones. Looked up at each call, so that a test can wrap the torch.distributed functions.
+    if _comm is not None:
+        return getattr(_comm, old)
     return getattr(dist, new, None) or getattr(dist, old)
 
 
@@ -62,14 +81,14 @@ def _many() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        _ops().barrier()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; returns `values`."""
     if _many():
         _check_device(values)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        _ops().all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
@@ -77,7 +96,7 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over ranks, in place; returns `values`."""
     if _many():
         _check_device(values)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        _ops().all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 
@@ -141,7 +160,7 @@ def reduce_to(values: torch.Tensor, owner: int, async_op: bool = True):
     if not _many():
         return None
     _check_device(values)
-    return dist.reduce(values, dst=owner, op=dist.ReduceOp.SUM, async_op=async_op)
+    return _ops().reduce(values, dst=owner, op=dist.ReduceOp.SUM, async_op=async_op)
 
 
 def broadcast_from(values: torch.Tensor, owner: int, async_op: bool = True):
@@ -149,4 +168,4 @@ def broadcast_from(values: torch.Tensor, owner: int, async_op: bool = True):
     if not _many():
         return None
     _check_device(values)
-    return dist.broadcast(values, src=owner, async_op=async_op)
+    return _ops().broadcast(values, src=owner, async_op=async_op)

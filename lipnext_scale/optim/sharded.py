@@ -8,8 +8,9 @@ Every parameter has one owner rank. Only the owner keeps its fp32 master, Adam m
 - *scatter*: N equally sized matrices, slot r owned by rank r, so a reduce-scatter hands each owner exactly
   its matrix and an all-gather returns the updated weights — N·size elements, none of them padding;
 - *reduce*: a large parameter left over when its size class does not divide by N (at N = 128 every W×W
-  matrix of a 64-matrix model): reduced to its owner, then broadcast from it. Ring/chain reduce and broadcast
-  move the same bytes in aggregate as a reduce-scatter/all-gather of the same data, with no padding;
+  matrix of a 64-matrix model), or every matrix of a class whose bucket would exceed `BUCKET_BYTES`:
+  reduced to its owner, then broadcast from it. Ring/chain reduce and broadcast move the same bytes in
+  aggregate as a reduce-scatter/all-gather of the same data, with no padding;
 - *tail*: the parameters too small to be worth a collective each (size·N ≤ 0.5% of the model: biases,
   positional terms), packed into one padded reduce-scatter. Its padding is below 0.5% of the model by
   construction; all-reducing them and updating them on every rank instead would be simpler but keeps N copies
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +57,10 @@ from lipnext_scale.optim.manifold import ManifoldHyper, ManifoldOptimizer
 # A parameter goes to the padded tail bucket when size·N ≤ this share of the model: the tail's padding (at
 # most N × its largest member) then stays below the same share.
 TAIL_SHARE = 1 / 200
+# A scatter bucket's fp32 send buffer holds N matrices' gradients (two are alive during backward). Past this
+# size the matrices of a size class go to their owners one by one (reduce/broadcast: the same bytes, no
+# padding, one matrix of buffer), so that the gradient memory stays bounded as N grows.
+BUCKET_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,9 @@ class Bucket:
         return self.numel - sum(self.sizes)
 
 
-def plan_buckets(named_sizes: list[tuple[str, int]], world_size: int) -> list[Bucket]:
+def plan_buckets(
+    named_sizes: list[tuple[str, int]], world_size: int, bucket_bytes: int = BUCKET_BYTES
+) -> list[Bucket]:
     """Buckets and owners for parameters listed in model (forward) order; returned in the order their
     gradients complete in backward (reverse model order), which is the order collectives are issued in."""
     n = world_size
@@ -95,7 +103,7 @@ def plan_buckets(named_sizes: list[tuple[str, int]], world_size: int) -> list[Bu
         by_size.setdefault(s, []).append(name)
     left: list[tuple[str, int]] = []
     for s, names in by_size.items():
-        whole = len(names) - len(names) % n
+        whole = len(names) - len(names) % n if n * s * 4 <= bucket_bytes else 0
         for i in range(0, whole, n):
             buckets.append(
                 Bucket(
@@ -197,6 +205,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         # Payload bytes of reductions (fp32): all, and those issued before the hook that completed the
         # micro-batch's last bucket; of gathers (compute dtype). Read by tools/bench_distributed.py.
         self.comm_bytes = {"reduce": 0, "reduce_before_last_hook": 0, "gather": 0}
+        self.wait_seconds = 0.0
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._global_grad_norm = 0.0
@@ -247,23 +256,30 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         send, self._sends[index] = self._sends[index], None
         if bucket.kind == "reduce":
             out = send
-            work = distributed.reduce_to(send, bucket.owners[0], async_op=self.overlap)
+            work = distributed.reduce_to(send, bucket.owners[0])
         else:
             out = (
                 send
                 if self.world_size == 1
                 else torch.empty(bucket.segment, dtype=torch.float32, device=self.device)
             )
-            work = distributed.reduce_scatter_async(out, send, async_op=self.overlap)
+            work = distributed.reduce_scatter_async(out, send)
         self._in_flight.append((work, index, send, out))
         while len(self._in_flight) > (self.max_buckets_in_flight - 1 if self.overlap else 0):
             self._land_oldest()
         return bucket.numel * 4
 
+    def _wait(self, work) -> None:
+        # Host time blocked on communication (tools/bench_distributed.py). On CPUs (gloo) that is the exposed
+        # communication time; on GPUs wait() only orders streams, so it stays near zero there.
+        start = time.perf_counter()
+        work.wait()
+        self.wait_seconds += time.perf_counter() - start
+
     def _land_oldest(self) -> None:
         work, index, _send, out = self._in_flight.popleft()
         if work is not None:
-            work.wait()
+            self._wait(work)
         bucket = self.buckets[index]
         base = 0 if bucket.kind == "reduce" or self.world_size == 1 else self.rank * bucket.segment
         for name, owner, offset, size in zip(bucket.names, bucket.owners, bucket.offsets, bucket.sizes):
@@ -385,24 +401,25 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         element = next(iter(self.params_by_name.values())).element_size()
         for index in reversed(range(len(self.buckets))):  # forward order: the first block's weights first
             bucket = self.buckets[index]
-            async_op = self.overlap and self._hooked_modules
             if bucket.kind == "reduce":
                 param = self.params_by_name[bucket.names[0]]
-                work = distributed.broadcast_from(param.data, bucket.owners[0], async_op=async_op)
+                work = distributed.broadcast_from(param.data, bucket.owners[0])
             else:
-                work = distributed.all_gather_in_place(self._storage[index], async_op=async_op)
+                work = distributed.all_gather_in_place(self._storage[index])
             self.comm_bytes["gather"] += bucket.numel * element
-            if work is not None and async_op:
+            if work is None:
+                continue
+            if self.overlap and self._hooked_modules:
                 self._gathers[index] = work
-            elif work is not None:
-                work.wait()
+            else:
+                self._wait(work)
 
     def wait_weights(self, indices=None) -> None:
         """Wait for pending all-gathers (all, or of the bucket `indices`)."""
         for index in list(self._gathers) if indices is None else indices:
             work = self._gathers.pop(index, None)
             if work is not None:
-                work.wait()
+                self._wait(work)
 
     def wait_before_forward(self, model: torch.nn.Module) -> None:
         """A forward pre-hook on every module holding parameters waits for just those parameters' buckets,
