@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from lipnext_scale.config import load_recipe
-from lipnext_scale.optim.sharded import TAIL_SHARE, owners_of, padding_share, plan_buckets
+from lipnext_scale.optim.sharded import (
+    TAIL_SHARE,
+    issued_before_last_hook,
+    owners_of,
+    padding_share,
+    plan_buckets,
+)
 from lipnext_scale.pretrained import build_model
 from tests.conftest import REPO
 from tests.test_distributed import DRIVER, torchrun
@@ -46,6 +52,8 @@ def test_padding_at_most_one_percent_and_ownership_balanced_at_every_world_size(
                 assert b.padding <= TAIL_SHARE * total
         # deterministic: the same model gives the same plan
         assert owners == owners_of(plan_buckets(list(sizes), world))
+        # only the stem's gradient (and at most the tail) waits for the end of backward
+        assert issued_before_last_hook(sizes, world) >= 0.99
 
 
 def test_buckets_follow_backward_order():
@@ -72,5 +80,8 @@ def test_overlapped_collectives_are_bit_identical_to_synchronous_ones(tmp_path, 
     assert len(set(overlap["masters"])) == OVERLAP_STEPS, "the masters must change every step"
     half = OVERLAP_STEPS // 2
     assert resumed["losses"] == overlap["losses"][half:] and resumed["masters"] == overlap["masters"][half:]
+    # Hooks fire in the planned (reverse model) order: the measured share is the planned one, ≥ 90%.
     sent = report["comm_bytes"]
-    assert sent["reduce_before_last_hook"] >= 0.9 * sent["reduce"]
+    share = sent["reduce_before_last_hook"] / sent["reduce"]
+    assert share == pytest.approx(issued_before_last_hook(named_sizes("quickstart.yaml"), nproc), abs=1e-12)
+    assert share >= 0.9

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from lipnext_scale.config import load_recipe  # noqa: E402
 from lipnext_scale.memory_plan import GIB, plan  # noqa: E402
-from lipnext_scale.optim.sharded import plan_buckets  # noqa: E402
+from lipnext_scale.optim.sharded import issued_before_last_hook, plan_buckets  # noqa: E402
 from lipnext_scale.pretrained import build_model  # noqa: E402
 
 
@@ -100,14 +100,17 @@ def padding_table(recipe, max_ranks: int) -> str:
         model = build_model(recipe)
     sizes = [(n, p.numel()) for n, p in model.named_parameters()]
     total = sum(s for _, s in sizes)
-    lines = ["ranks | padding % | scatter buckets | reduce (leftover) | tail | largest bucket MiB fp32"]
+    lines = [
+        "ranks | padding % | scatter buckets | reduce (leftover) | tail | largest bucket MiB fp32 | "
+        "reduced before the last backward hook"
+    ]
     for n in range(2, max_ranks + 1):
         buckets = plan_buckets(sizes, n)
         kinds = [b.kind for b in buckets]
         lines.append(
             f"{n:5d} | {100 * sum(b.padding for b in buckets) / total:9.4f} | {kinds.count('scatter'):15d} | "
             f"{kinds.count('reduce'):17d} | {kinds.count('tail'):4d} | "
-            f"{max(b.numel for b in buckets) * 4 / 2**20:23.1f}"
+            f"{max(b.numel for b in buckets) * 4 / 2**20:23.1f} | {issued_before_last_hook(sizes, n):.2%}"
         )
     return "\n".join(lines)
 

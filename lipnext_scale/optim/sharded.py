@@ -164,6 +164,16 @@ def padding_share(named_sizes: list[tuple[str, int]], world_size: int) -> float:
     return sum(b.padding for b in buckets) / sum(s for _, s in named_sizes)
 
 
+def issued_before_last_hook(named_sizes: list[tuple[str, int]], world_size: int) -> float:
+    """Share of reduction bytes whose bucket is complete before the last gradient of backward arrives, when
+    hooks fire in reverse model order (what `ShardedManifoldOptimizer.comm_bytes` measures in a run)."""
+    buckets = plan_buckets(named_sizes, world_size)
+    position = {name: i for i, (name, _) in enumerate(reversed(named_sizes))}
+    last = len(named_sizes) - 1
+    early = sum(b.numel for b in buckets if max(position[n] for n in b.names) < last)
+    return early / sum(b.numel for b in buckets)
+
+
 class ShardedManifoldOptimizer(ManifoldOptimizer):
     """`ManifoldOptimizer` whose state and gradients are partitioned by whole parameters across the default
     process group. Gradients never stay in `param.grad`: a hook moves each into its bucket as soon as
