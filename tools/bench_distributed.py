@@ -123,7 +123,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int, result_file: Path
     ds.shutdown()
 
 
-def launch(n: int, recipe: str, overrides: list[str], steps: int, comms_logger: bool) -> dict:
+def launch(n: int, recipe: str, overrides: list[str], steps: int, comms_logger: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
