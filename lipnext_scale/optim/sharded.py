@@ -203,9 +203,8 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         self._next = 0
         self._sends: list[torch.Tensor | None] = [None] * len(self.buckets)
         self._in_flight: deque = deque()  # (work, bucket index, send buffer, receive buffer)
-        self._grads: dict[
-            str, torch.Tensor
-        ] = {}  # owned name → fp32 gradient summed over ranks and micro-batches
+        # owned name → its fp32 gradient, summed over ranks and micro-batches
+        self._grads: dict[str, torch.Tensor] = {}
         self._storage: list[torch.Tensor | None] = [None] * len(self.buckets)  # flat compute-dtype weights
         self._gathers: dict[int, object] = {}  # bucket index → pending all-gather/broadcast
         self._hooked_modules = False
