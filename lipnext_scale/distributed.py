@@ -50,9 +50,28 @@ def _check_device(*tensors: torch.Tensor) -> None:
             )
 
 
+# The module collectives go through: torch.distributed, or — once `engine` has registered it — DeepSpeed's
+# comm layer (`deepspeed.comm`, same signatures), so that its comms logger times and counts them. Only
+# engine.py imports deepspeed; this module receives it.
+_comm = None
+
+
+def use_collectives(comm) -> None:
+    """Send every collective through `comm` (a module with torch.distributed's signatures: deepspeed.comm),
+    or back through torch.distributed with None."""
+    global _comm
+    _comm = comm
+
+
+def _ops():
+    return _comm if _comm is not None else dist
+
+
 def _flat(new: str, old: str):
-    # torch 2.13 renamed the flat-tensor collectives (the old names warn); torch ≤ 2.12 has only the old
-    # ones. Looked up at each call, so that a test can wrap the torch.distributed functions.
+    # torch 2.13 renamed the flat-tensor collectives (the old names warn); torch ≤ 2.12 and deepspeed.comm
+    # have only the old ones. Looked up at each call, so that a test can wrap the torch.distributed functions.
+    if _comm is not None:
+        return getattr(_comm, old)
     return getattr(dist, new, None) or getattr(dist, old)
 
 
@@ -62,14 +81,14 @@ def _many() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        _ops().barrier()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; returns `values`."""
     if _many():
         _check_device(values)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        _ops().all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
@@ -77,7 +96,7 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over ranks, in place; returns `values`."""
     if _many():
         _check_device(values)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        _ops().all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 
@@ -119,3 +138,45 @@ def all_gather_flat(out: torch.Tensor, mine: torch.Tensor) -> None:
         return
     _check_device(out, mine)
     _flat("all_gather_single", "all_gather_into_tensor")(out, mine)
+
+
+# --- asynchronous forms for the sharded optimizer: each returns the pending work (`.wait()`), or None when
+# there was nothing to wait for (a world of one, or async_op=False) ---
+
+
+def reduce_scatter_async(out: torch.Tensor, flat: torch.Tensor, async_op: bool = True):
+    """`reduce_scatter_flat`, returning its work handle when `async_op`."""
+    if not _many():
+        if out.data_ptr() != flat.data_ptr():
+            out.copy_(flat)
+        return None
+    _check_device(out, flat)
+    return _flat("reduce_scatter_single", "reduce_scatter_tensor")(out, flat, async_op=async_op)
+
+
+def all_gather_in_place(flat: torch.Tensor, async_op: bool = True):
+    """Every rank's 1/N slice of `flat` (slice r on rank r) into every rank's `flat`, with no other buffer."""
+    if not _many():
+        return None
+    _check_device(flat)
+    n, r = dist.get_world_size(), dist.get_rank()
+    part = flat.numel() // n
+    return _flat("all_gather_single", "all_gather_into_tensor")(
+        flat, flat[r * part : (r + 1) * part], async_op=async_op
+    )
+
+
+def reduce_to(values: torch.Tensor, owner: int, async_op: bool = True):
+    """Sum over ranks into `values` on rank `owner`; on other ranks `values` is left undefined."""
+    if not _many():
+        return None
+    _check_device(values)
+    return _ops().reduce(values, dst=owner, op=dist.ReduceOp.SUM, async_op=async_op)
+
+
+def broadcast_from(values: torch.Tensor, owner: int, async_op: bool = True):
+    """Rank `owner`'s `values` into every rank's `values`."""
+    if not _many():
+        return None
+    _check_device(values)
+    return _ops().broadcast(values, src=owner, async_op=async_op)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lipnext_scale import distributed
 from lipnext_scale.config import ConfigError
 
 
@@ -116,9 +117,22 @@ def initialize(model: torch.nn.Module, optimizer_factory, config: dict):
     """
     import deepspeed
 
+    if config.get("comms_logger", {}).get("enabled"):
+        # Our collectives through DeepSpeed's comm layer, so that its comms logger reports them
+        # (`deepspeed.comm.log_summary()`); otherwise straight to torch.distributed, one layer fewer.
+        import deepspeed.comm
+
+        distributed.use_collectives(deepspeed.comm)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory, config=config)
     engine.enable_backward_allreduce = False
     return engine, optimizer
+
+
+def comms_summary() -> None:
+    """DeepSpeed's comms-logger table of every collective so far (rank 0 prints it)."""
+    import deepspeed.comm
+
+    deepspeed.comm.log_summary()
 
 
 def write_monitor_events(engine, scalars: dict[str, float], step: int) -> None:
@@ -135,5 +149,6 @@ def shutdown() -> None:
         dist.barrier()
 
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a new run can start
+    distributed.use_collectives(None)
     while _ENV_SET_HERE:
         os.environ.pop(_ENV_SET_HERE.pop(), None)

@@ -3,13 +3,15 @@
 Used before a run by tools/plan_memory.py, and by the trainer, which logs its measured peak beside the plan.
 Nothing is allocated: the model is built on the meta device, and the optimizer state is whatever the real
 `ManifoldOptimizer._initial_state` creates for each parameter (on meta tensors), owned by the rank that the
-real `assign_owners` picks over world = N·K; the gradient buffer is the real `FlatLayout`. Compute dtype is
+real `plan_buckets` picks over world = N·K; the gradient terms are the real buckets' sizes. Compute dtype is
 what `train.precision` resolves to on a GPU (auto → bf16), unless the caller names one.
 
 Per rank (b = bytes of the compute dtype, P = parameters):
 
 - weights: P·b on every rank;
-- gradient accumulation buffer: fp32, full size (padded owner segments) on every rank;
+- gradients (ZeRO-2, `optim/sharded.py`): the fp32 accumulators of the parameters this rank owns (largest
+  rank: ≈ 4·P/N), plus the send buffers of two buckets in flight during backward, fp32 (a scatter bucket
+  holds N equally sized matrices, so this term is 2·N·W²·4 until N exceeds the matrix count);
 - transient compute-dtype gradients: autograd writes each parameter's gradient, a hook moves it into the
   fp32 buffer at once; at most dP (P = M·Rᵀ), dM and dR of one block are alive together: 3·W²·b;
 - optimizer state of the owned parameters: fp32 master (only when b < 4 — an fp32 weight is its own
@@ -35,27 +37,24 @@ Per rank (b = bytes of the compute dtype, P = parameters):
       activation peak     = input + kept + working set + S_block·[the last block is checkpointed]
   tests/test_plan_memory.py checks `kept` against the bytes autograd saves (saved_tensors_hooks) and the
   peak against the live bytes of a real forward/backward, on CPU;
-- optimizer step (activations freed): the reduce-scattered fp32 segment, then the largest of: the global
-  norm's float64 copy of the segment and its square (2·segment·8), the Riemannian update of one matrix
-  (≈ 12 float64 W×W temporaries: FastExp / polar; an estimate) and the all-gather's full compute-dtype
-  buffer plus the segment's copy;
+- optimizer step (activations freed): the Riemannian update of one matrix (≈ 12 float64 W×W temporaries:
+  FastExp / polar; an estimate); the all-gather runs in place into the weights, with no buffer;
 - evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
-  fp32 weights) into the gradient buffer, idle between steps — no extra bytes — except with gradient
-  accumulation over several micro-batches, where an epoch can end with a step's gradients pending in it
-  and a buffer of its size is counted; plus either a no-grad fp32 forward of
+  fp32 weights), 4·P; plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input I = B·3·S²·4 and the larger of the stem's (the centred
   images and their patch copy, 2·I, and its output N·W·4) and the blocks' (3 + [βW ≥ 1])·N·W·4 alive at
   once (measured on the certification forward; tests/test_plan_memory.py; the stem's is the larger when
   W < 1.5·p², e.g. 224-pixel images at width 64, tests/test_dryrun.py) and the head's C²·8 + 2·B·C·4 — or
-  the float64 bound of one matrix (9·W²·8 with three squarings), or the all-gather's copy of this rank's
-  fp32 segment (several ranks), whichever is larger; and through all of them, every block's M·Rᵀ
-  (L·W²·4), formed once so that the bound measures the product the forward pass applies.
+  the float64 bound of one matrix (9·W²·8 with three squarings), whichever is larger; and through both,
+  every block's M·Rᵀ (L·W²·4), formed once so that the bound measures the product the forward pass applies.
 
-Peak = weights + gradient buffer + optimizer state
-       + max(activation peak + transient gradients, optimizer step, evaluation).
-Beside it, the start-up peak: fp32 weights + gradient buffer + optimizer state without the owned masters
-(built from the fp32 weights, they are those weights until the cast) + one largest matrix in the compute
-dtype while the cast runs.
+Peak = weights + optimizer state
+       + max(gradients + activation peak + transient gradients,   (backward)
+             owned gradient accumulators + optimizer step,        (step; the buckets are gone)
+             evaluation)                                          (no gradients alive).
+Beside it, the start-up peak: fp32 weights + optimizer state without the owned masters (built from the fp32
+weights, they are those weights until the cast) + one largest matrix in the compute dtype while the cast
+runs.
 
 `lipnext_scale/dryrun.py` (tools/plan_memory.py --dry-run) runs one real step of a recipe at its real shape
 and world size with fake tensors and reports torch's MemTracker peak of each phase beside these figures.
@@ -72,7 +71,7 @@ from lipnext_scale.config import ModelConfig, Recipe
 from lipnext_scale.model.layers import fuse_second_mix
 from lipnext_scale.model.lipnext import SIZES
 from lipnext_scale.optim.manifold import ManifoldOptimizer
-from lipnext_scale.optim.sharded import FlatLayout, assign_owners
+from lipnext_scale.optim.sharded import owners_of, plan_buckets
 from lipnext_scale.pretrained import build_model
 
 GIB = 2**30
@@ -121,8 +120,8 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         model = build_model(recipe)
     named = [(n, p.numel()) for n, p in model.named_parameters()]
     sizes = dict(named)
-    owners = assign_owners(sizes, world_size)
-    layout = FlatLayout.build(named, owners, world_size)
+    buckets = plan_buckets(named, world_size)
+    owners = owners_of(buckets)
     state = optimizer_state_bytes(recipe, dtype)
     b = dtype_bytes(dtype)
     keys = sorted({k for s in state.values() for k in s})
@@ -131,14 +130,23 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         for key, nbytes in parts.items():
             per_rank[owners[name]][key] += nbytes
     totals = [sum(r.values()) for r in per_rank]
+    grads = [0] * world_size
+    for name, size in named:
+        grads[owners[name]] += size * 4
+    # Send buffers alive at once: the one in flight and the one being filled (ShardedManifoldOptimizer,
+    # max_buckets_in_flight = 2), fp32.
+    buckets_in_flight = 2 * max(bk.numel for bk in buckets) * 4
     largest = max(range(world_size), key=lambda r: totals[r])
     matrix = max(sizes.values())
     return {
         "params": sum(sizes.values()),
         "largest_matrix": matrix,
         "weights": sum(sizes.values()) * b,
-        "grad_buffer": layout.total * 4,
-        "segment": layout.segment,
+        "grad_accumulators": max(grads),
+        "buckets": buckets_in_flight,
+        # Gradient memory of the largest rank during backward: what the full-size buffer of ZeRO-1 was.
+        "grad_buffer": max(grads) + buckets_in_flight,
+        "padding": sum(bk.padding for bk in buckets),
         "transient_grads": 3 * matrix * b,
         "optimizer_per_rank": totals,
         "optimizer_by_key_largest_rank": per_rank[largest],
@@ -184,15 +192,11 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
 
 
 def step_transient(params: dict, world_size: int, b: int) -> int:
-    segment = params["segment"]
-    reduced = segment * 4 if world_size > 1 else 0
-    norm = 2 * segment * 8  # `mine.double().square()` before the sum (tools/plan_memory.py --dry-run)
-    update = UPDATE_TEMPORARIES * params["largest_matrix"] * 8
-    gather = params["segment"] * world_size * b + (segment * b if world_size > 1 else 0)
-    return reduced + max(norm, update, gather)
+    # The reduced gradients are the accumulators (counted in grad_buffer); the all-gather is in place.
+    return UPDATE_TEMPORARIES * params["largest_matrix"] * 8
 
 
-def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: int, world_size: int) -> dict:
+def evaluation_plan(model: ModelConfig, batch: int, params: dict) -> dict:
     """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
     depth, width = SIZES[model.size]
     n = batch * (model.image_size // model.patch) ** 2
@@ -208,15 +212,15 @@ def evaluation_plan(model: ModelConfig, batch: int, params: dict, accumulation: 
     # operator_norm_bound: X and XᵀX − I in float64, then two W×W float64 per squaring level, plus one
     # elementwise temporary (lipnext_scale.rounding.DEFECT_SQUARINGS = 3).
     bound = (3 + 2 * 3) * params["largest_matrix"] * 8
-    gather = params["segment"] * 4 if world_size > 1 else 0  # the all-gather's input copy of this rank's part
-    fp32_copy = params["grad_buffer"] if accumulation > 1 else 0
+    # The gathered fp32 masters (gradients are sharded: there is no idle full-size buffer to borrow).
+    fp32_copy = (params["params"] + params["padding"]) * 4
     return {
         "batch": batch,
         "fp32_copy": fp32_copy,
         "products": products,
         "forward": forward,
         "bound": bound,
-        "extra": fp32_copy + products + max(forward, bound, gather),
+        "extra": fp32_copy + products + max(forward, bound),
     }
 
 
@@ -226,19 +230,20 @@ def recomputed_blocks(depth: int, checkpointing: int) -> int:
 
 
 def peak_bytes(params: dict, activations: dict, step: int) -> int:
-    static = params["weights"] + params["grad_buffer"] + max(params["optimizer_per_rank"])
-    return static + max(activations["peak"] + params["transient_grads"], step)
+    static = params["weights"] + max(params["optimizer_per_rank"])
+    return static + max(params["grad_buffer"] + activations["peak"] + params["transient_grads"], step)
 
 
 def startup_peak(params: dict, b: int) -> int:
-    """Peak while the trainer starts: fp32 weights, the gradient buffer and the optimizer state, whose owned
-    masters *are* those fp32 weights (the optimizer is built before the cast), plus, while the cast runs, one
-    parameter in both dtypes (≤ the largest matrix); after the cast, the training static bytes."""
+    """Peak while the trainer starts: fp32 weights and the optimizer state, whose owned masters *are* those
+    fp32 weights (the optimizer is built before the cast), plus, while the cast runs, one parameter in both
+    dtypes (≤ the largest matrix); after the cast, the training static bytes. No gradient memory exists yet
+    (the owners' accumulators and the buckets appear in the first backward)."""
     state = max(params["optimizer_per_rank"])
-    before_cast = params["params"] * 4 + params["grad_buffer"] + state
+    before_cast = params["params"] * 4 + state
     if b < 4:
         before_cast += params["largest_matrix"] * b - params["optimizer_by_key_largest_rank"].get("master", 0)
-    return max(before_cast, params["weights"] + params["grad_buffer"] + state)
+    return max(before_cast, params["weights"] + state)
 
 
 def largest_micro_batch(recipe: Recipe, params: dict, step: int, b: int, ck: int, usable: int, limit=1 << 20):
@@ -270,9 +275,9 @@ def plan(
     params = parameter_plan(recipe, world_size, dtype)
     step = step_transient(params, world_size, b)
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
-    accumulation = max(1, recipe.data.batch_size // (micro * world_size))
-    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params, accumulation, world_size)
-    between = max(step, evaluation["extra"])  # phases between forward/backward passes
+    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params)
+    # Phases between forward/backward passes: the step (owned gradients still alive), evaluation (none).
+    between = max(params["grad_accumulators"] + step, evaluation["extra"])
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
     asked = recipe.model.activation_checkpointing

@@ -167,6 +167,8 @@ class Trainer:
 
         self.engine, self.optimizer = ds.initialize(model, make_optimizer, config)
         self.model = model
+        # Updated weights are all-gathered asynchronously; each module waits for its own just before it runs.
+        self.optimizer.wait_before_forward(model)
         # Cast after the optimizer has taken its fp32 masters from the fp32 weights.
         for p in self.model.parameters():
             p.data = p.data.to(self.compute_dtype)

@@ -10,10 +10,13 @@ fed its slice of the same fixed global batches, so N ranks and one process see i
                                                      file of checkpoint STEP is written (before the manifest)
     dist_driver.py not_shared OUT                    each rank sees its own checkpoint directory (node-local
                                                      disks): check_shared refuses, naming the blind ranks
+    dist_driver.py overlap OUT STEPS DATA_ROOT       bf16, 2 micro-batches per step: overlapped collectives,
+                                                     synchronous ones, overlapped resumed half-way
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -133,6 +136,60 @@ def run_not_shared(out: Path) -> None:
     engine.shutdown()
 
 
+def run_overlap(out: Path, steps: int, data_root: str) -> None:
+    """One Trainer (bf16, 2 micro-batches per step), three trajectories from the same optimizer state: every
+    collective overlapped; every collective waited for as soon as issued (overlap=False), from the step-0
+    state;
+    overlapped again from the state saved at steps/2 (resume). Rank 0 writes, per trajectory and step, the
+    loss and a sha256 of all gathered fp32 masters, and the overlapped run's communication bytes."""
+    world = int(os.environ["WORLD_SIZE"])
+    extra = ["train.precision=bf16", f"train.micro_batch_size={GLOBAL_BATCH // (2 * world)}"]
+    trainer = build_trainer(out, data_root, *PARITY_OVERRIDES, *extra)
+    optimizer = trainer.optimizer
+    assert optimizer.overlap and trainer.accumulation == 2
+    images, labels = digits_tensors()
+    report, saved = {}, {}
+
+    def snapshot(step: int) -> None:
+        tensors = {k: v.detach().clone() for k, v in optimizer.state_tensors().items()}
+        saved[step] = (tensors, optimizer.step_count)
+
+    def restore(step: int) -> None:
+        tensors, step_count = saved[step]
+        optimizer.load_state_tensors(tensors, step_count)
+        optimizer.broadcast_weights()
+        trainer.step = step
+
+    def train(name: str, start: int) -> None:
+        record = report.setdefault(name, {"losses": [], "masters": []})
+        for step in range(start, steps):
+            if step == steps // 2 and name == "overlap":
+                snapshot(step)
+            x, y = rank_slice(trainer, step, images, labels)
+            half = len(y) // 2
+            assert not trainer.train_micro_batch(x[:half], y[:half])
+            assert trainer.train_micro_batch(x[half:], y[half:])
+            record["losses"].append(trainer.step_stats(eps=0.0)["loss"])
+            state = trainer.fp32_state()
+            digest = hashlib.sha256()
+            for key in sorted(state):
+                digest.update(state[key].contiguous().view(torch.uint8).numpy().tobytes())
+            record["masters"].append(digest.hexdigest())
+
+    snapshot(0)
+    train("overlap", 0)
+    report["comm_bytes"] = dict(optimizer.comm_bytes)
+    optimizer.overlap = False
+    restore(0)
+    train("sync", 0)
+    optimizer.overlap = True
+    restore(steps // 2)
+    train("resumed", steps // 2)
+    if trainer.is_main:
+        (out / "overlap.json").write_text(json.dumps(report))
+    trainer.close()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "not_shared":
@@ -141,6 +198,8 @@ if __name__ == "__main__":
         run_kill_during_save(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])
     elif mode == "parity":
         run_parity(out, int(sys.argv[3]), sys.argv[4])
+    elif mode == "overlap":
+        run_overlap(out, int(sys.argv[3]), sys.argv[4])
     elif mode == "nonfinite":
         run_nonfinite(out, sys.argv[3])
     else:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from lipnext_scale import load_pretrained
-from lipnext_scale.optim.sharded import FlatLayout, assign_owners
+from lipnext_scale.optim.sharded import owners_of, plan_buckets
 from tests.conftest import QUICKSTART, REPO
 
 DRIVER = REPO / "tests" / "dist_driver.py"
@@ -62,25 +62,26 @@ def torchrun(nproc: int, script: Path, *args, env: dict | None = None, check: bo
 # --- ownership (no processes) ---
 
 
-def test_ownership_is_deterministic_balanced_and_order_free():
+def test_ownership_is_deterministic_balanced_and_covers_every_parameter():
     with torch.device("meta"):
         from lipnext_scale.model.lipnext import build_lipnext
 
         model = build_lipnext("L32W1024", num_classes=1000, image_size=224, patch=16)
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
-    largest, total = max(sizes.values()), sum(sizes.values())
+    sizes = [(n, p.numel()) for n, p in model.named_parameters()]
+    largest, total = max(s for _, s in sizes), sum(s for _, s in sizes)
     for world in (1, 2, 3, 4, 8):
-        owners = assign_owners(sizes, world)
-        assert owners == assign_owners(dict(reversed(list(sizes.items()))), world)
-        loads = [sum(s for n, s in sizes.items() if owners[n] == r) for r in range(world)]
+        buckets = plan_buckets(sizes, world)
+        owners = owners_of(buckets)
+        assert owners == owners_of(plan_buckets(list(sizes), world))
+        loads = [sum(s for n, s in sizes if owners[n] == r) for r in range(world)]
         assert max(loads) <= total / world + largest
         assert set(owners.values()) == set(range(world))
-        layout = FlatLayout.build(list(sizes.items()), owners, world)
-        spans = sorted((layout.offsets[n], layout.offsets[n] + s) for n, s in sizes.items())
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "segments overlap"
-        for n, s in sizes.items():  # each parameter lies inside its owner's segment
-            seg = owners[n] * layout.segment
-            assert seg <= layout.offsets[n] and layout.offsets[n] + s <= seg + layout.segment
+        for b in buckets:  # parameters of a bucket never overlap; each lies inside its owner's segment
+            spans = sorted((o, o + s) for o, s in zip(b.offsets, b.sizes))
+            assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:])), "segments overlap"
+            if b.kind != "reduce":
+                for o, s, r in zip(b.offsets, b.sizes, b.owners):
+                    assert r * b.segment <= o and o + s <= (r + 1) * b.segment
 
 
 # --- parity and determinism ---

@@ -69,7 +69,12 @@ def test_optimizer_state_and_gradient_buffer_match_a_real_optimizer(precision):
     measured_state = sum(n for ptr, n in storages.items() if ptr not in weights)
     planned = plan_memory.plan(recipe, world_size=1)
     assert _rel(planned["optimizer_per_rank"][0], measured_state) <= 0.05
-    assert planned["grad_buffer"] == optimizer.grad_buffer.numel() * optimizer.grad_buffer.element_size()
+    # Gradients (ZeRO-2): after a backward, the owned fp32 accumulators and the buckets they came through.
+    model(torch.rand(2, 3, recipe.model.image_size, recipe.model.image_size)).float().sum().backward()
+    optimizer._finish_reductions()
+    accumulators = sum(g.numel() * g.element_size() for g in optimizer._grads.values())
+    assert planned["grad_accumulators"] == accumulators
+    assert planned["buckets"] == 2 * max(b.numel for b in optimizer.buckets) * 4
     assert planned["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -105,8 +110,10 @@ def measure_activations(recipe, micro_batch: int) -> dict:
     """A training micro-step as the trainer does it: real model, real gradient hooks, EMMA loss."""
     torch.manual_seed(0)
     model = build_model(recipe)
-    # Installs the hooks that move each gradient into the fp32 buffer (planned apart: not counted here).
-    optimizer = ShardedManifoldOptimizer(named_parameters_with_kinds(model), manifold_hyper(recipe), 1.0)
+    # Each gradient leaves param.grad at once, as the sharded optimizer's hooks make it (its buckets and
+    # owned accumulators are planned apart: not counted here).
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     dtype = plan_memory.planned_dtype(recipe)
     for p in model.parameters():
         p.data = p.data.to(dtype)
@@ -120,7 +127,7 @@ def measure_activations(recipe, micro_batch: int) -> dict:
         return t
 
     size, classes = recipe.model.image_size, recipe.model.num_classes
-    meter = LiveBytes([*params, optimizer.grad_buffer])
+    meter = LiveBytes(params)
     with meter:
         images = torch.rand(micro_batch, 3, size, size)
         labels = torch.randint(0, classes, (micro_batch,))
@@ -176,8 +183,8 @@ def test_unfused_block_formula_matches_what_autograd_saves(size, precision, chec
     "size,beta,micro", [("L6W64", 0.0, 64), ("L6W64", 0.25, 64), ("L8W128", 0.5, 64), ("L6W64", 0.5, 32)]
 )
 def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro):
-    """What the trainer's evaluate() allocates: the masters gathered into the idle gradient buffer (or, with
-    a step's gradients pending in it, a fresh one), then a certification pass."""
+    """What the trainer's evaluate() allocates: the masters gathered into a fresh fp32 buffer (gradients are
+    sharded: no idle full-size buffer to borrow), then a certification pass; pending gradients stay."""
     overrides = [f"model.size={size}", f"model.beta={beta}", "certify.batch_size=24"]
     recipe = load_recipe(QUICKSTART, [*overrides, f"train.micro_batch_size={micro}"])
     model = build_model(recipe)
@@ -186,9 +193,10 @@ def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro)
     accumulating = recipe.data.batch_size > micro
     if accumulating:  # an epoch ended after the first of two micro-batches: gradients are pending
         model(torch.rand(2, 3, size_px, size_px)).sum().backward()
-    pending = optimizer.grad_buffer.clone()
+        optimizer._finish_reductions()
+    pending = {k: v.clone() for k, v in optimizer._grads.items()}
     labels = torch.randint(0, recipe.model.num_classes, (batch,))
-    meter = LiveBytes([*model.parameters(), optimizer.grad_buffer])
+    meter = LiveBytes([*model.parameters(), *optimizer._grads.values()])
     with meter:
         images = torch.rand(batch, 3, size_px, size_px)
         with optimizer.fp32_state_in_grad_buffer() as state:
@@ -196,14 +204,11 @@ def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro)
                 fp32 = build_model(recipe)
             fp32.load_state_dict(state, assign=True)
             certification_counts(Certifier(fp32), [(images, labels)], [0.1])
-            in_buffer = all(
-                t.untyped_storage().data_ptr() == optimizer.grad_buffer.untyped_storage().data_ptr()
-                for t in state.values()
-            )
-    assert in_buffer != accumulating
-    assert torch.equal(optimizer.grad_buffer, pending)  # zeroed again, or the pending gradients kept
+    assert pending.keys() == optimizer._grads.keys()
+    assert all(torch.equal(v, optimizer._grads[k]) for k, v in pending.items())
     planned = plan_memory.plan(recipe, world_size=1)["evaluation"]
-    assert planned["batch"] == batch and (planned["fp32_copy"] > 0) == accumulating
+    assert planned["batch"] == batch
+    assert planned["fp32_copy"] >= 4 * sum(p.numel() for p in model.parameters())
     assert measured_between(meter.peak, planned["extra"], 1.0, 1.05), (planned, meter.peak)
 
 
@@ -259,6 +264,7 @@ def test_billion_parameter_recipes_fit_80gb_gpus(recipe_name, gpus, nodes):
     # Sharding by whole matrices: each rank holds at most 1/N of the state plus one matrix's state.
     assert max(p["optimizer_per_rank"]) <= p["optimizer_unsharded"] / p["world_size"] + p["largest_state"]
     assert max(p["optimizer_per_rank"]) < 3 * GIB
-    # The fp32 gradient buffer is full size on every rank: 4 bytes per parameter.
-    assert p["grad_buffer"] >= 4 * p["params"]
+    # Gradients are sharded too (ZeRO-2): each rank keeps fp32 gradients of what it owns, plus two buckets.
+    assert p["grad_accumulators"] <= 4 * (p["params"] / p["world_size"] + p["largest_matrix"])
+    assert p["grad_buffer"] == p["grad_accumulators"] + p["buckets"] < 4 * p["params"]
     assert 1.0e9 < p["params"] < 1.2e9 if "1b" in recipe_name else 2.0e9 < p["params"] < 2.2e9

@@ -3,6 +3,10 @@
 
     python tools/plan_memory.py RECIPE.yaml --gpus N [--nodes K] [--gpu-memory-gib 80] [--reserve 0.1]
                                 [--dry-run [--rank R]] [--json] [section.key=value ...]
+    python tools/plan_memory.py RECIPE.yaml --padding-table [--max-ranks 128]
+
+The second form prints, for every world size from 2 to --max-ranks, the collectives' padding share (goal
+≤ 1%) and the bucket kinds (optim/sharded.py: `plan_buckets`).
 
 What is counted and how: `lipnext_scale/memory_plan.py`. Nothing is allocated (meta device).
 
@@ -26,6 +30,8 @@ sys.path.insert(0, str(REPO))
 from lipnext_scale.config import load_recipe  # noqa: E402
 from lipnext_scale.dryrun import CATEGORIES, DryRun, dry_run  # noqa: E402
 from lipnext_scale.memory_plan import GIB, plan  # noqa: E402
+from lipnext_scale.optim.sharded import issued_before_last_hook, plan_buckets  # noqa: E402
+from lipnext_scale.pretrained import build_model  # noqa: E402
 
 
 def gib(x: float) -> str:
@@ -61,7 +67,8 @@ def format_plan(p: dict, title: str = "") -> str:
         "",
         f"  {'per rank':<62}{'GiB':>8}",
         row(f"weights ({b}, every rank)", p["weights"]),
-        row("fp32 gradient accumulation buffer (every rank)", p["grad_buffer"]),
+        row("fp32 gradients: owned accumulators (largest rank)", p["grad_accumulators"]),
+        row("fp32 gradients: two buckets in flight during backward", p["buckets"]),
         *(row(f"{names.get(k, k)} (owned; largest rank)", v) for k, v in by_key.items()),
         row(
             f"= optimizer state, largest rank (unsharded {p['optimizer_unsharded'] / GIB:.1f})",
@@ -76,6 +83,7 @@ def format_plan(p: dict, title: str = "") -> str:
             + (" + gathered fp32 masters" if p["evaluation"]["fp32_copy"] else ""),
             p["evaluation"]["extra"],
         ),
+        f"  collectives' padding {p['padding'] / p['params']:.3%} of the parameters",
         row("PEAK", p["peak"], f"   {verdict} in {p['usable'] / GIB:.1f} usable"),
         row("(start-up peak: fp32 weights + buffer + state, during the cast)", p["init_peak"]),
         "",
@@ -121,13 +129,37 @@ def format_dry_run(r: DryRun) -> str:
     return "\n".join(lines)
 
 
+def padding_table(recipe, max_ranks: int) -> str:
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(recipe)
+    sizes = [(n, p.numel()) for n, p in model.named_parameters()]
+    total = sum(s for _, s in sizes)
+    lines = [
+        "ranks | padding % | scatter buckets | reduce (leftover) | tail | largest bucket MiB fp32 | "
+        "reduced before the last backward hook"
+    ]
+    for n in range(2, max_ranks + 1):
+        buckets = plan_buckets(sizes, n)
+        kinds = [b.kind for b in buckets]
+        lines.append(
+            f"{n:5d} | {100 * sum(b.padding for b in buckets) / total:9.4f} | {kinds.count('scatter'):15d} | "
+            f"{kinds.count('reduce'):17d} | {kinds.count('tail'):4d} | "
+            f"{max(b.numel for b in buckets) * 4 / 2**20:23.1f} | {issued_before_last_hook(sizes, n):.2%}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) per node")
+    parser.add_argument("--gpus", type=int, help="GPUs (ranks) per node (required unless --padding-table)")
+    parser.add_argument("--padding-table", action="store_true", help="padding share at 2..--max-ranks ranks")
+    parser.add_argument("--max-ranks", type=int, default=128)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--reserve", type=float, default=0.10, help="fraction kept free (default 0.10)")
@@ -136,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=None, help="rank to simulate (default: the largest)")
     args = parser.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.padding_table:
+        print(f"{args.recipe}: padding of the sharded optimizer's collectives\n")
+        print(padding_table(recipe, args.max_ranks))
+        return
+    if args.gpus is None:
+        parser.error("--gpus is required (or --padding-table)")
     world_size = args.gpus * args.nodes
     result = plan(recipe, world_size, args.gpu_memory_gib, args.reserve)
     result.update(recipe=args.recipe, overrides=args.overrides, gpus=args.gpus, nodes=args.nodes)
