@@ -3,9 +3,9 @@ CPU ranks with gloo, the quickstart at L6W64 for a few dozen steps.
 
 - a 2-node × 1-rank sbatch job sees the same batches as a 2-rank torchrun run, losses equal to rounding;
 - one job's batch shell is sent SIGUSR1 (scancel --batch --signal=USR1): it checkpoints, exits 75 and
-  requeues itself; the requeued job resumes; then one of its ranks is killed -9: the job ends non-zero
-  within a bound, naming the task; resubmitted, it resumes and finishes with weights bit-identical to
-  the uninterrupted job's;
+  requeues itself; the requeued job resumes; then one of its ranks is killed -9: the job ends
+  non-zero within a bound, naming the task; resubmitted, it resumes and finishes with weights
+  bit-identical to the uninterrupted job's;
 - the newest checkpoint's rank file truncated: the resume falls back to the previous one and says so;
 - kill -9 of one rank under torchrun (two c10d agents) and under the DeepSpeed launcher ends the run
   non-zero within the bound, naming the rank.
