@@ -119,22 +119,28 @@ def certified_radius(*_args, **_kwargs):
     )
 
 
-def _distributed_norms(names: list[str], compute: Callable[[str], float], share) -> list[float]:
+def _distributed_norms(
+    names: list[str], compute: Callable[[str], float], share, everywhere: frozenset[str] = frozenset()
+) -> list[float]:
     """Operator-norm bounds of `names`, each computed by one rank (i % world == rank), the scalars
-    summed across ranks (adding exact zeros is exact). `share` = (rank, world, all_reduce_sum on a
-    float64 tensor placed by the caller), or None for one process."""
+    summed across ranks (adding exact zeros is exact), except the `everywhere` names, which every rank
+    computes for itself. `share` = (rank, world, all_reduce_sum on a float64 tensor placed by the caller),
+    or None for one process."""
     if share is None:
         return [compute(n) for n in names]
     rank, world, reduce_sum = share
-    local = [compute(n) if i % world == rank else 0.0 for i, n in enumerate(names)]
-    return reduce_sum(local)
+    split = [n for n in names if n not in everywhere]
+    local = [compute(n) if i % world == rank else 0.0 for i, n in enumerate(split)]
+    shared = dict(zip(split, reduce_sum(local)))
+    return [shared[n] if n in shared else compute(n) for n in names]
 
 
 class Certifier:
     """Certified radii of one model's fp32 weights; the bound and head distances computed once.
 
     `share` splits the per-matrix bound work across ranks (see `_distributed_norms`); every rank then
-    forms L as the same product in the same order, so all ranks hold the identical float.
+    forms L as the same product in the same order. In fp32 mode each rank bounds the products P̂ its own
+    forward applies, so L may differ across ranks in its last bits; each rank's certificates use its own.
     """
 
     def __init__(self, model: LipNeXt, mode: str = "fp32", share=None):
@@ -148,9 +154,12 @@ class Certifier:
             factors = model.lipschitz_factors(self.products)
             matrices = dict(factors)  # unique names
             names = list(matrices)
-            norms = dict(
-                zip(names, _distributed_norms(names, lambda n: operator_norm_bound(matrices[n]), share))
-            )
+            # Each rank forms its own P̂ = fl(M·Rᵀ), and cuBLAS does not promise the same rounding on every
+            # GPU, so every rank bounds the P̂ its own forward applies (a few float64 W³ products per block,
+            # on the device); the weights themselves are identical everywhere, so their work is split.
+            own = frozenset(n for n in names if n.endswith(".P"))
+            bound = lambda n: operator_norm_bound(matrices[n])  # noqa: E731
+            norms = dict(zip(names, _distributed_norms(names, bound, share, own)))
             self.lipschitz = product_up(norms[name] for name, _ in factors)
             if mode == "sound":
                 from lipnext_scale.sound import SoundCertifier

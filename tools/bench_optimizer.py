@@ -44,7 +44,7 @@ from lipnext_scale.optim.fastexp import (  # noqa: E402
     skew,
     spectral_bound,
 )
-from lipnext_scale.optim.sharded import assign_owners  # noqa: E402
+from lipnext_scale.optim.sharded import owners_of, plan_buckets  # noqa: E402
 
 # TFLOP/s (DESIGN.md §7): H100 SXM datasheet, bf16 as measured on the H200.
 RATES = {"bf16": 790.0, "tf32": 495.0, torch.float32: 67.0, torch.float64: 67.0}
@@ -169,9 +169,9 @@ def stem_step_flops(width: int) -> dict:
 
 def project(name: str) -> dict:
     width, depth, ranks, micro = RECIPES[name]
-    sizes = {f"b{i}.{m}": width * width for i in range(depth) for m in "RM"}
-    sizes["stem"] = width * STEM_COLUMNS
-    owners = assign_owners(sizes, ranks)
+    # Model order (stem first), as the trainer lists them: the real ownership rule of the sharded optimizer.
+    sizes = {"stem": width * STEM_COLUMNS, **{f"b{i}.{m}": width * width for i in range(depth) for m in "RM"}}
+    owners = owners_of(plan_buckets(list(sizes.items()), ranks))
     busiest = max(range(ranks), key=lambda r: sum(1 for o in owners.values() if o == r))
     mine = [n for n, r in owners.items() if r == busiest]
     squares = sum(1 for n in mine if n != "stem")

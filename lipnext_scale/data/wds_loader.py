@@ -200,9 +200,12 @@ class WdsLoader(Loader):
             if images
             else torch.empty(0, 3, c.image_size, c.image_size, dtype=torch.uint8)
         )
+        labels = torch.tensor(labels, dtype=torch.int64)
+        if torch.device(c.device).type != "cpu":  # pinned: the copies then do not wait for the GPU
+            batch, labels = batch.pin_memory(), labels.pin_memory()
         return (
-            batch.to(c.device).float().div_(255.0),
-            torch.tensor(labels, dtype=torch.int64).to(c.device),
+            batch.to(c.device, non_blocking=True).float().div_(255.0),
+            labels.to(c.device, non_blocking=True),
         )
 
     def _begin_next_epoch(self) -> None:

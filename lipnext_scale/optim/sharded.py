@@ -423,6 +423,14 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
             else:
                 self._wait(work)
 
+    def reorthogonalize_masters(self) -> None:
+        self.wait_weights()  # a master may alias a weight that a pending gather is still writing
+        super().reorthogonalize_masters()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:
+        self.wait_weights()  # as above: no write into storage a pending gather still writes
+        super().load_state_tensors(tensors, step_count)
+
     def wait_weights(self, indices=None) -> None:
         """Wait for pending all-gathers (all, or of the bucket `indices`)."""
         for index in list(self._gathers) if indices is None else indices:
