@@ -61,6 +61,11 @@ TAIL_SHARE = 1 / 200
 # size the matrices of a size class go to their owners one by one (reduce/broadcast: the same bytes, no
 # padding, one matrix of buffer), so that the gradient memory stays bounded as N grows.
 BUCKET_BYTES = 2 * 2**30
+# A scatter bucket is issued when its last member's gradient arrives, so its N matrices must not span much of
+# backward: at most this share of the large parameters (in backward order). Past it (N large against the
+# depth: e.g. 64 ranks on 64 block matrices would make one bucket of the whole model, issued only when
+# backward ends) the size class goes to its owners one by one, each reduced as soon as it is ready.
+SCATTER_SPAN = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ def plan_buckets(
         by_size.setdefault(s, []).append(name)
     left: list[tuple[str, int]] = []
     for s, names in by_size.items():
-        whole = len(names) - len(names) % n if n * s * 4 <= bucket_bytes else 0
+        scatter = n * s * 4 <= bucket_bytes and n <= max(2, SCATTER_SPAN * len(large))
+        whole = len(names) - len(names) % n if scatter else 0
         for i in range(0, whole, n):
             buckets.append(
                 Bucket(
