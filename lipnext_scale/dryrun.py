@@ -62,12 +62,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
-from lipnext_scale.certify import certification_counts, head_pair_distances
+from lipnext_scale.certify import Certifier, certification_counts
 from lipnext_scale.config import Recipe
 from lipnext_scale.loss import classification_loss, training_eps
 from lipnext_scale.memory_plan import plan, planned_dtype, recipe_micro_batch
@@ -78,11 +78,12 @@ from lipnext_scale.trainer import Trainer
 # MemTracker's category names (its `_MemRefType` values) → what they hold in this step.
 CATEGORIES = {
     "Parameter": "weights (compute dtype; in evaluation the fp32 model's weights, i.e. the gathered masters)",
-    "Gradient": "parameter gradients (compute dtype), each alive until its hook adds it to the fp32 buffer",
+    "Gradient": "parameter gradients (compute dtype) until the optimizer's hook copies them into a bucket; the "
+    "fp32 bucket send buffers (≤ 2 alive) and the owned fp32 gradient accumulators (ZeRO-2)",
     "Optstate": "optimizer state of the owned parameters (+ the step's temporaries, during the step)",
     "Activation": "forward activations and every tensor made outside backward and the step",
     "Temp": "backward temporaries (gradients of activations)",
-    "Other": "the fp32 gradient accumulation buffer (the one tensor registered with track_external)",
+    "Other": "tensors registered with track_external that are none of the above (none expected)",
     "Buffer": "module buffers",
 }
 PHASES = ("start-up", "micro-batch", "optimizer step", "evaluation")
@@ -171,6 +172,22 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _gradient_tensors(optimizer: ShardedManifoldOptimizer) -> list[torch.Tensor]:
+    """The optimizer's gradient memory (ZeRO-2): bucket send buffers being filled, reductions in flight (send
+    and receive buffers) and the owned fp32 accumulators (views of a landed receive buffer, or of the reduce
+    bucket's gradient itself)."""
+    tensors = [t for t in optimizer._sends if t is not None]
+    tensors += [t for _work, _index, send, out in optimizer._in_flight for t in (send, out)]
+    return tensors + list(optimizer._grads.values())
+
+
+def _tag_gradients(tracker: MemTracker, optimizer: ShardedManifoldOptimizer) -> None:
+    # MemTracker files a tensor made in backward as a temporary, and offers no public way to name another
+    # category (`track_external` says "Other"); its own gradient hook uses this call.
+    for t in _gradient_tensors(optimizer):
+        tracker._update_and_maybe_create_winfos(t, _MemRefType.GRAD)
+
+
 def _largest_rank(planned: dict) -> int:
     per_rank = planned["optimizer_per_rank"]
     return max(range(len(per_rank)), key=lambda r: (per_rank[r], -r))
@@ -200,12 +217,16 @@ def dry_run(
     planned = plan(recipe, world_size, micro_batch=micro, dtype=dtype)
     rank = _largest_rank(planned) if rank is None else rank
     accumulation = max(1, recipe.data.batch_size // (micro * world_size))
-    static = planned["weights"] + planned["grad_buffer"] + planned["optimizer_per_rank"][rank]
+    # The terms of the planner's peak (memory_plan.plan), phase by phase.
+    static = planned["weights"] + planned["optimizer_per_rank"][rank]
     planned_phase = {
         "start-up": planned["init_peak"],
-        "micro-batch": static + planned["activations"]["peak"] + planned["transient_grads"],
-        "optimizer step": static + planned["step_transient"],
-        "evaluation": static + planned["evaluation"]["extra"],
+        "micro-batch": static
+        + planned["grad_buffer"]
+        + planned["activations"]["peak"]
+        + planned["transient_grads"],
+        "optimizer step": static + planned["grad_accumulators"] + planned["step_transient"],
+        "evaluation": static + planned["evaluation_pending_grads"] + planned["evaluation"]["extra"],
     }
     phases: list[Phase] = []
     live: dict = {}  # what the phases hand on to each other: model, optimizer
@@ -215,7 +236,8 @@ def dry_run(
         tracker = MemTracker()
         tracker.track_external(*(x for x in (live.get("model"), live.get("optimizer")) if x is not None))
         if "optimizer" in live:
-            tracker.track_external(live["optimizer"].grad_buffer)
+            _tag_gradients(tracker, live["optimizer"])
+        live["tracker"] = tracker
         reads = HostReads()
         t0 = time.perf_counter()
         with tracker, reads:
@@ -252,16 +274,23 @@ def dry_run(
             finally:
                 fake.allow_non_fake_inputs = False
             model.train()
-            # As the trainer: the optimizer takes its fp32 masters from the fp32 weights, then the cast.
+            # As the trainer: the optimizer takes its fp32 masters from the fp32 weights, hooks the modules to
+            # wait for their all-gathered weights, then the cast.
             optimizer = ShardedManifoldOptimizer(
                 named_parameters_with_kinds(model), manifold_hyper(recipe), grad_clip=recipe.optim.grad_clip
             )
+            optimizer.wait_before_forward(model)
             for p in model.parameters():
                 p.data = p.data.to(dtype)
+            # Registered after the optimizer's own hooks, so it runs after each of them: whatever gradient
+            # memory the optimizer holds then (a new bucket, an issued reduction, a landed accumulator) is
+            # filed under "Gradient" rather than as a backward temporary.
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(lambda _: _tag_gradients(live["tracker"], optimizer))
             live.update(model=model, optimizer=optimizer)
             # Made inside the tracker, all of it counted as activations so far; registered now, so that the
             # phase's end shows the categories (its peak, set by the cast, does not).
-            tracker.track_external(model, optimizer, optimizer.grad_buffer)
+            tracker.track_external(model, optimizer)
 
         def micro_batch_step(_: MemTracker) -> None:
             model, optimizer, m, t = live["model"], live["optimizer"], recipe.model, recipe.train
@@ -284,12 +313,13 @@ def dry_run(
             images = torch.rand(recipe.certify.batch_size, 3, m.image_size, m.image_size)
             labels = torch.randint(0, m.num_classes, (recipe.certify.batch_size,))
             with optimizer.fp32_state_in_grad_buffer() as state:
-                # The trainer's own fp32 model (it reads nothing of the trainer but the recipe).
+                # As `Trainer.evaluate`: its own fp32 model (it reads nothing of the trainer but the recipe),
+                # the certifier (every block's M·Rᵀ held; the bound's matrices split across ranks).
                 model = Trainer.fp32_model(types.SimpleNamespace(recipe=recipe), state)
-                bound = model.lipschitz_bound()
-                distances = head_pair_distances(model)
-                certification_counts(model, [(images, labels)], list(recipe.certify.eps), bound, distances)
-                del model
+                share = (rank, world_size, Trainer._sum_scalars)
+                certifier = Certifier(model, recipe.certify.mode, share=share)
+                certification_counts(certifier, [(images, labels)], list(recipe.certify.eps))
+                del model, certifier
 
         run_phase("start-up", start_up)
         run_phase("micro-batch", micro_batch_step)

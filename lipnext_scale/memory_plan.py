@@ -276,8 +276,12 @@ def plan(
     step = step_transient(params, world_size, b)
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
     evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params)
-    # Phases between forward/backward passes: the step (owned gradients still alive), evaluation (none).
-    between = max(params["grad_accumulators"] + step, evaluation["extra"])
+    # Phases between forward/backward passes: the step (owned gradients still alive), evaluation (none,
+    # unless gradient accumulation lets an epoch end between micro-batches of a step: the trainer then
+    # evaluates with that step's owned accumulators pending).
+    accumulation = max(1, recipe.data.batch_size // (micro * world_size))
+    pending = params["grad_accumulators"] if accumulation > 1 else 0
+    between = max(params["grad_accumulators"] + step, pending + evaluation["extra"])
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
     asked = recipe.model.activation_checkpointing
@@ -321,6 +325,7 @@ def plan(
         "activations": act,
         "step_transient": step,
         "evaluation": evaluation,
+        "evaluation_pending_grads": pending,
         "init_peak": init,
         "peak": peak,
         "fits": peak <= usable,
