@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -78,8 +78,8 @@ from lipnext_scale.trainer import Trainer
 # MemTracker's category names (its `_MemRefType` values) → what they hold in this step.
 CATEGORIES = {
     "Parameter": "weights (compute dtype; in evaluation the fp32 model's weights, i.e. the gathered masters)",
-    "Gradient": "parameter gradients (compute dtype) until the optimizer's hook copies them into a bucket; the "
-    "fp32 bucket send buffers (≤ 2 alive) and the owned fp32 gradient accumulators (ZeRO-2)",
+    "Gradient": "parameter gradients (compute dtype) until the optimizer's hook copies them into a bucket; "
+    "the fp32 bucket send buffers (≤ 2 alive) and the owned fp32 gradient accumulators (ZeRO-2)",
     "Optstate": "optimizer state of the owned parameters (+ the step's temporaries, during the step)",
     "Activation": "forward activations and every tensor made outside backward and the step",
     "Temp": "backward temporaries (gradients of activations)",
@@ -172,6 +172,25 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def fake_data_pointers() -> Iterator[None]:
+    """`data_ptr()` of a fake tensor that tells storages apart. FakeTensor's own is 0 + the view's byte offset
+    for every storage, so the optimizer's "is this master the weight itself?" (`_bind_storage`, `write_back`,
+    `state_bytes`) would answer yes for any two tensors at offset 0: `_bind_storage` would replace every
+    fp32 master with a compute-dtype view of the weights. Here: the storage's own address (`_cdata`, unique
+    while it lives) shifted past any offset, plus the offset in bytes; only compared for equality."""
+    saved = FakeTensor.data_ptr
+
+    def data_ptr(self: torch.Tensor) -> int:
+        return (self.untyped_storage()._cdata << 64) + self.storage_offset() * self.element_size()
+
+    FakeTensor.data_ptr = data_ptr
+    try:
+        yield
+    finally:
+        FakeTensor.data_ptr = saved
+
+
 def _gradient_tensors(optimizer: ShardedManifoldOptimizer) -> list[torch.Tensor]:
     """The optimizer's gradient memory (ZeRO-2): bucket send buffers being filled, reductions in flight (send
     and receive buffers) and the owned fp32 accumulators (views of a landed receive buffer, or of the reduce
@@ -259,7 +278,7 @@ def dry_run(
     with torch.device("meta"):  # activation checkpointing as the trainer resolves it ("auto": by the plan)
         meta_model = build_model(recipe, planned["activation_checkpointing"])
     fake = FakeTensorMode()
-    with fake_world(world_size, rank), fake, warnings.catch_warnings():
+    with fake_world(world_size, rank), fake, fake_data_pointers(), warnings.catch_warnings():
         # The optimizer's hook moves each gradient into its buffer and sets `param.grad = None` before
         # MemTracker's own post-accumulate hook looks at `param.grad`; it warns about the None and goes on.
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")

@@ -37,8 +37,12 @@ Per rank (b = bytes of the compute dtype, P = parameters):
       activation peak     = input + kept + working set + S_block·[the last block is checkpointed]
   tests/test_plan_memory.py checks `kept` against the bytes autograd saves (saved_tensors_hooks) and the
   peak against the live bytes of a real forward/backward, on CPU;
-- optimizer step (activations freed): the Riemannian update of one matrix (≈ 12 float64 W×W temporaries:
-  FastExp / polar; an estimate); the all-gather runs in place into the weights, with no buffer;
+- optimizer step (activations freed; the owned fp32 gradient accumulators alive): every owned matrix's
+  update keeps, across the step's one host read, its skew step A (fp32) and A² (float64) — both doubled at
+  a Lookahead sync — and a float64 defect XᵀX − I per matrix re-orthogonalised (orthogonal W×W at the worst
+  step, which syncs and re-orthogonalises: 2·W²·4 + 2·W²·8 + W²·8; a Stiefel n×k matrix Y and YᵀY − I in
+  float64), summed over the rank's owned matrices; plus one matrix finishing after the read
+  (`UPDATE_TEMPORARIES` float64 W×W); the all-gather runs in place into the weights, with no buffer;
 - evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
   fp32 weights), 4·P; plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input I = B·3·S²·4 and the larger of the stem's (the centred
@@ -76,7 +80,12 @@ from lipnext_scale.pretrained import build_model
 
 GIB = 2**30
 BACKWARD_WORKING_SET = 2.8  # × N·W·b
-UPDATE_TEMPORARIES = 12  # float64 W×W matrices alive in one Riemannian update (estimate)
+# float64 W×W matrices alive while one matrix finishes its update after the host read (besides what it
+# held across the read): Newton–Schulz of the slow weights (their float64 copy, the iterate, X·D and X·D/2,
+# a new defect) or the retraction (X and A in float64, A/2^s, A²/4^s, the series' block and accumulator,
+# one product) — 6 measured by the dry run (FakeTensorMode, in1k_1b); the SVD fallback of the polar factor
+# (X, U, Vᵀ, U·Vᵀ + the solver's workspace, which no tensor shows) is covered by the margin (an estimate).
+UPDATE_TEMPORARIES = 8
 CHECKPOINT_OPTIONS = (0, 1, 2, 4)
 
 
@@ -120,6 +129,11 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         model = build_model(recipe)
     named = [(n, p.numel()) for n, p in model.named_parameters()]
     sizes = dict(named)
+    hyper = manifold_hyper(recipe)
+    held = {
+        n: held_across_host_read(kind, tuple(p.shape), hyper)
+        for n, p, kind in named_parameters_with_kinds(model)
+    }
     buckets = plan_buckets(named, world_size)
     owners = owners_of(buckets)
     state = optimizer_state_bytes(recipe, dtype)
@@ -131,8 +145,10 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
             per_rank[owners[name]][key] += nbytes
     totals = [sum(r.values()) for r in per_rank]
     grads = [0] * world_size
+    update_held = [0] * world_size
     for name, size in named:
         grads[owners[name]] += size * 4
+        update_held[owners[name]] += held[name]
     # Send buffers alive at once: the one in flight and the one being filled (ShardedManifoldOptimizer,
     # max_buckets_in_flight = 2), fp32.
     buckets_in_flight = 2 * max(bk.numel for bk in buckets) * 4
@@ -149,6 +165,7 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         "padding": sum(bk.padding for bk in buckets),
         "transient_grads": 3 * matrix * b,
         "optimizer_per_rank": totals,
+        "update_held_per_rank": update_held,
         "optimizer_by_key_largest_rank": per_rank[largest],
         "optimizer_unsharded": sum(totals),
         "largest_state": max(sum(parts.values()) for parts in state.values()),
@@ -191,9 +208,33 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
     }
 
 
+def held_across_host_read(kind: str, shape: tuple[int, ...], hyper) -> int:
+    """Bytes one owned parameter's update keeps from its first phase to its second, across the step's one
+    host read (`ManifoldOptimizer.update_parameters`: every owned matrix's first phase runs before the read,
+    and the closures keep what they captured until the last matrix has finished), at the worst step: one
+    that syncs Lookahead and re-orthogonalises (when the recipe does either)."""
+    sync, reorth = bool(hyper.lookahead_k), bool(hyper.reorthogonalize_every)
+    if kind == "orthogonal":  # W×W
+        w2 = shape[0] * shape[1]
+        e = dtype_bytes(hyper.exp_dtype)
+        factors = 1 + sync  # the skew step A (fp32), and at a sync α·Σ A (fp32)
+        held = factors * w2 * 4 + factors * w2 * e  # + A² of each, in the retraction's dtype
+        # + a float64 defect XᵀX − I of the one matrix re-orthogonalised: the slow weights at a Lookahead
+        # sync, the master without Lookahead. (A re-orthogonalisation between syncs holds two, the master's
+        # and the slow weights', but one factor: 1·(4 + e) + 2·8 ≤ 2·(4 + e) + 8 for e ≥ 4.)
+        return held + (w2 * 8 if reorth else 0)
+    if kind == "stiefel":  # n×k: Y = X + D and YᵀY − I, float64
+        n, k = shape[0], shape[-1]
+        return n * k * 8 + k * k * 8
+    return 0  # euclidean: updated in place in the first phase, nothing kept
+
+
 def step_transient(params: dict, world_size: int, b: int) -> int:
-    # The reduced gradients are the accumulators (counted in grad_buffer); the all-gather is in place.
-    return UPDATE_TEMPORARIES * params["largest_matrix"] * 8
+    """Bytes the optimizer step adds to weights, optimizer state and the owned gradient accumulators: what
+    every owned matrix holds across the host read (`held_across_host_read`, the largest rank's) plus the
+    second phase of one matrix. The reduced gradients are the accumulators (counted beside this); the
+    all-gather is in place."""
+    return max(params["update_held_per_rank"]) + UPDATE_TEMPORARIES * params["largest_matrix"] * 8
 
 
 def evaluation_plan(model: ModelConfig, batch: int, params: dict) -> dict:
