@@ -13,13 +13,17 @@ temporaries). What runs is the package's own code, so a change to it changes the
                     simulated rank (its fp32 masters alias those weights), then the trainer's cast to the
                     compute dtype
     micro-batch     forward of one micro-batch (activation checkpointing as configured), the real loss,
-                    backward (the optimizer's hooks move each gradient into the fp32 buffer)
+                    backward (the optimizer's hooks copy each gradient into its bucket's fp32 send buffer
+                    and issue the bucket's reduction, asynchronous under the fake group too, when it is
+                    complete; owners keep fp32 accumulators); with gradient accumulation, two of them,
+                    the second with the accumulators alive as every later micro-batch of a step has
     optimizer step  the real `step()`: reduce-scatter, norm all-reduce, the owned matrices' Riemannian
                     updates, all-gather of the compute-dtype weights; a step that also syncs Lookahead and
                     re-orthogonalises
-    evaluation      the fp32 masters gathered (into the idle gradient buffer, or a fresh one with a step's
-                    gradients pending) as the trainer's fp32 model, its Lipschitz bound and head distances,
-                    and a certification pass of `certify.batch_size` images
+    evaluation      the fp32 masters gathered into a fresh flat buffer (ZeRO-2 has no idle full-size
+                    gradient buffer to borrow) as the trainer's fp32 model, its `Certifier` (every block's
+                    M·Rᵀ held, the Lipschitz bound, head distances) and a certification pass of
+                    `certify.batch_size` images
 
 What does not run faked, and what is done instead:
 
@@ -44,7 +48,8 @@ What does not run faked, and what is done instead:
 - `torch.compile` of the blocks is switched off (as torchtitan does): the eager step's memory is measured.
 
 The rank simulated is the one with the most optimizer state (ties: the lowest), as the planner picks it:
-weights and the gradient buffer are the same size on every rank, so it holds the largest peak.
+weights are the same size on every rank and gradient accumulators follow the same ownership, so it holds the
+largest peak.
 """
 
 from __future__ import annotations
@@ -279,7 +284,7 @@ def dry_run(
         meta_model = build_model(recipe, planned["activation_checkpointing"])
     fake = FakeTensorMode()
     with fake_world(world_size, rank), fake, fake_data_pointers(), warnings.catch_warnings():
-        # The optimizer's hook moves each gradient into its buffer and sets `param.grad = None` before
+        # The optimizer's hook copies each gradient into its bucket and sets `param.grad = None` before
         # MemTracker's own post-accumulate hook looks at `param.grad`; it warns about the None and goes on.
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
 
@@ -311,16 +316,21 @@ def dry_run(
             # phase's end shows the categories (its peak, set by the cast, does not).
             tracker.track_external(model, optimizer)
 
-        def micro_batch_step(_: MemTracker) -> None:
+        def micro_batch_step(tracker: MemTracker) -> None:
             model, optimizer, m, t = live["model"], live["optimizer"], recipe.model, recipe.train
-            images = torch.rand(micro, 3, m.image_size, m.image_size)
-            labels = torch.randint(0, m.num_classes, (micro,))
-            eps = training_eps(t.eps, t.eps_ramp, 0.0)
-            logits = model(images)
-            head = model.head.normalized_weight().float()
-            loss = classification_loss(t.loss, logits, labels, head, eps)
-            optimizer.note_loss(loss)
-            loss.backward()
+            # With gradient accumulation, every micro-batch after the first runs with the owned fp32
+            # accumulators alive: two micro-batches, so that the phase's peak is that of such a one.
+            for _ in range(2 if accumulation > 1 else 1):
+                tracker.reset_mod_stats()  # per-module statistics (unused) allow one pass; totals go on
+                images = torch.rand(micro, 3, m.image_size, m.image_size)
+                labels = torch.randint(0, m.num_classes, (micro,))
+                eps = training_eps(t.eps, t.eps_ramp, 0.0)
+                logits = model(images)
+                head = model.head.normalized_weight().float()
+                loss = classification_loss(t.loss, logits, labels, head, eps)
+                optimizer.note_loss(loss)
+                loss.backward()
+                del images, labels, logits, head, loss
 
         def optimizer_step(_: MemTracker) -> None:
             optimizer = live["optimizer"]
