@@ -36,11 +36,12 @@ What does not run faked, and what is done instead:
 - Fake `cuda` tensors: autograd's backward aborts without a GPU (DESIGN.md §7), so the device is `cpu`; the
   byte counts are the same (MemTracker rounds `cuda` storages up to 512 bytes, which is negligible here).
 - Host reads of a tensor's value (`.item()`, `bool()`, `int()`, `.tolist()`): a fake tensor has none, and
-  FakeTensorMode refuses them (DataDependentOutputException). `HostReads` answers each: bools True, numbers 0.
-  So the step is taken as finite and unclipped, a data-dependent loop stops at its first check (Newton–
-  Schulz re-orthogonalisation), and a data-dependent choice takes the branch that answer selects unless the
-  code decides for fake tensors itself (the retraction's order: the worst case where its host decision
-  knows fake tensors, otherwise the lowest order). The reads are counted per phase and reported, since a
+  FakeTensorMode refuses them (DataDependentOutputException). `HostReads` answers each: bools True, integers
+  0, floats 0 (1 in evaluation). So the step is taken as finite and unclipped, and a data-dependent choice
+  takes the branch that answer selects unless the code decides for fake tensors itself (the retraction's
+  order and Newton–Schulz count: the worst case). In evaluation a float read is 1, not 0, because the
+  Lipschitz bound's recursion (`rounding._spectral_up`) stops early on a zero Frobenius norm: with 1 it
+  runs all its squarings, as on real weights. The reads are counted per phase and reported, since a
   host read is a device sync on a GPU. (A ShapeEnv with `allow_scalar_outputs` returns symbolic scalars
   instead, but the first comparison or `math.sqrt` of one raises GuardOnDataDependentSymNode.)
 - Work inside one kernel (matrix_exp, SVD, QR workspaces, cuBLAS/NCCL buffers) is not a tensor and is not
@@ -96,18 +97,19 @@ PHASES = ("start-up", "micro-batch", "optimizer step", "evaluation")
 
 class HostReads(TorchDispatchMode):
     """Answers the host reads of fake tensors (`aten._local_scalar_dense`: `.item()`, `bool()`, `int()`,
-    each element of `.tolist()`), which have no value to read: True for a bool, 0 for a number (module
-    docstring). Counts them."""
+    each element of `.tolist()`), which have no value to read: True for a bool, 0 for an integer, `number`
+    for a float (module docstring). Counts them."""
 
-    def __init__(self):
+    def __init__(self, number: float = 0.0):
         super().__init__()
         self.count = 0
+        self.number = number
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
             dtype = args[0].dtype
-            return True if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+            return True if dtype == torch.bool else self.number if dtype.is_floating_point else 0
         return func(*args, **(kwargs or {}))
 
 
@@ -262,7 +264,7 @@ def dry_run(
         if "optimizer" in live:
             _tag_gradients(tracker, live["optimizer"])
         live["tracker"] = tracker
-        reads = HostReads()
+        reads = HostReads(1.0 if phase == "evaluation" else 0.0)
         t0 = time.perf_counter()
         with tracker, reads:
             at_start = _bytes_by_category(tracker.get_tracker_snapshot("current"))
