@@ -248,7 +248,7 @@ def dry_run(
     planned_phase = {
         "start-up": planned["init_peak"],
         "micro-batch": static
-        + planned["grad_buffer"]
+        + planned["backward_grads"]
         + planned["activations"]["peak"]
         + planned["transient_grads"],
         "optimizer step": static + planned["grad_accumulators"] + planned["step_transient"],

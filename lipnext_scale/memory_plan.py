@@ -10,8 +10,11 @@ Per rank (b = bytes of the compute dtype, P = parameters):
 
 - weights: P·b on every rank;
 - gradients (ZeRO-2, `optim/sharded.py`): the fp32 accumulators of the parameters this rank owns (largest
-  rank: ≈ 4·P/N), plus the send buffers of two buckets in flight during backward, fp32 (a scatter bucket
-  holds N equally sized matrices, so this term is 2·N·W²·4 until N exceeds the matrix count);
+  rank: ≈ 4·P/N), plus the send buffers of two buckets in flight during backward and the tail's, fp32 (a
+  scatter bucket holds N equally sized matrices, so this term is 2·N·W²·4 until N exceeds the matrix count
+  or a bucket `BUCKET_BYTES`); at the activation peak (the start of backward) only one large bucket is
+  being filled: the second appears after the blocks of the first have freed their activations
+  (`backward_gradients`);
 - transient compute-dtype gradients: autograd writes each parameter's gradient, a hook moves it into the
   fp32 buffer at once; at most dP (P = M·Rᵀ), dM and dR of one block are alive together: 3·W²·b;
 - optimizer state of the owned parameters: fp32 master (only when b < 4 — an fp32 weight is its own
@@ -53,7 +56,7 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   every block's M·Rᵀ (L·W²·4), formed once so that the bound measures the product the forward pass applies.
 
 Peak = weights + optimizer state
-       + max(gradients + activation peak + transient gradients,   (backward)
+       + max(backward gradients + activation peak + transient gradients,   (backward)
              owned gradient accumulators + optimizer step,        (step; the buckets are gone)
              evaluation)                                          (no gradients alive).
 Beside it, the start-up peak: fp32 weights + optimizer state without the owned masters (built from the fp32
@@ -149,10 +152,13 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
     for name, size in named:
         grads[owners[name]] += size * 4
         update_held[owners[name]] += held[name]
-    # Send buffers alive at once: the one in flight and the one being filled (ShardedManifoldOptimizer,
-    # max_buckets_in_flight = 2), fp32.
-    buckets_in_flight = 2 * max(bk.numel for bk in buckets) * 4
-    largest = max(range(world_size), key=lambda r: totals[r])
+    # Send buffers alive at once (fp32): the one in flight and the one being filled (ShardedManifoldOptimizer,
+    # max_buckets_in_flight = 2), and the tail's, filled from the first gradients of backward to its last.
+    tail = sum(bk.numel * 4 for bk in buckets if bk.kind == "tail")
+    largest = max((bk for bk in buckets if bk.kind != "tail"), key=lambda bk: bk.numel, default=None)
+    bucket = largest.numel * 4 if largest else 0
+    buckets_in_flight = 2 * bucket + tail
+    heaviest = max(range(world_size), key=lambda r: totals[r])
     matrix = max(sizes.values())
     return {
         "params": sum(sizes.values()),
@@ -160,13 +166,17 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         "weights": sum(sizes.values()) * b,
         "grad_accumulators": max(grads),
         "buckets": buckets_in_flight,
+        "bucket": bucket,
+        "bucket_members": len(largest.names) if largest else 0,
+        "reduce_bucket": max((bk.numel * 4 for bk in buckets if bk.kind == "reduce"), default=0),
+        "tail_bucket": tail,
         # Gradient memory of the largest rank during backward: what the full-size buffer of ZeRO-1 was.
         "grad_buffer": max(grads) + buckets_in_flight,
         "padding": sum(bk.padding for bk in buckets),
         "transient_grads": 3 * matrix * b,
         "optimizer_per_rank": totals,
         "update_held_per_rank": update_held,
-        "optimizer_by_key_largest_rank": per_rank[largest],
+        "optimizer_by_key_largest_rank": per_rank[heaviest],
         "optimizer_unsharded": sum(totals),
         "largest_state": max(sum(parts.values()) for parts in state.values()),
     }
@@ -197,6 +207,7 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
     return {
         "micro_batch": micro_batch,
         "activation_checkpointing": checkpointing,
+        "block_kept_min": nw if checkpointed else block,
         "fused": fused,
         "per_block": block,
         "blocks_kept": blocks_kept,
@@ -270,9 +281,24 @@ def recomputed_blocks(depth: int, checkpointing: int) -> int:
     return len(range(0, depth, checkpointing)) if checkpointing else 0
 
 
+def backward_gradients(params: dict, activations: dict) -> int:
+    """fp32 gradient bytes alive at the backward's peak: the owned accumulators (all of them from the second
+    micro-batch of a step on), the tail's send buffer and the largest bucket being filled, plus either a
+    reduction in flight beside it (at most the largest reduce bucket, e.g. the head's gradient, issued at
+    once) or a second large bucket. The second large send buffer appears only once the first is complete,
+    i.e. once the backward of the blocks whose matrices fill it (two per block) is done and their saved
+    activations are freed — all but the block in progress; the activation peak comes at the start of
+    backward, so those bytes are not both alive (ZeRO-2, optim/sharded.py)."""
+    done_blocks = max(0, params["bucket_members"] // 2 - 1)
+    freed = done_blocks * activations["block_kept_min"]
+    second = max(params["reduce_bucket"], params["bucket"] - freed)
+    return params["grad_accumulators"] + params["tail_bucket"] + params["bucket"] + second
+
+
 def peak_bytes(params: dict, activations: dict, step: int) -> int:
     static = params["weights"] + max(params["optimizer_per_rank"])
-    return static + max(params["grad_buffer"] + activations["peak"] + params["transient_grads"], step)
+    backward = backward_gradients(params, activations) + activations["peak"] + params["transient_grads"]
+    return static + max(backward, step)
 
 
 def startup_peak(params: dict, b: int) -> int:
@@ -364,6 +390,7 @@ def plan(
         "activation_checkpointing_asked": asked,
         **{k: v for k, v in params.items()},
         "activations": act,
+        "backward_grads": backward_gradients(params, act),
         "step_transient": step,
         "evaluation": evaluation,
         "evaluation_pending_grads": pending,
