@@ -86,7 +86,7 @@ def format_plan(p: dict, title: str = "") -> str:
         ),
         f"  collectives' padding {p['padding'] / p['params']:.3%} of the parameters",
         row("PEAK", p["peak"], f"   {verdict} in {p['usable'] / GIB:.1f} usable"),
-        row("(start-up peak: fp32 weights + optimizer state, during the cast)", p["init_peak"]),
+        row("(start-up peak: fp32 weights + state, during the cast)", p["init_peak"]),
         "",
         f"act. checkpointing | act. peak GiB | peak GiB @ micro {p['micro_batch']:<4} | fits | "
         "largest micro-batch | largest dividing batch/ranks",
