@@ -13,13 +13,17 @@ temporaries). What runs is the package's own code, so a change to it changes the
                     simulated rank (its fp32 masters alias those weights), then the trainer's cast to the
                     compute dtype
     micro-batch     forward of one micro-batch (activation checkpointing as configured), the real loss,
-                    backward (the optimizer's hooks move each gradient into the fp32 buffer)
+                    backward (the optimizer's hooks copy each gradient into its bucket's fp32 send buffer
+                    and issue the bucket's reduction, asynchronous under the fake group too, when it is
+                    complete; owners keep fp32 accumulators); with gradient accumulation, two of them,
+                    the second with the accumulators alive as every later micro-batch of a step has
     optimizer step  the real `step()`: reduce-scatter, norm all-reduce, the owned matrices' Riemannian
                     updates, all-gather of the compute-dtype weights; a step that also syncs Lookahead and
                     re-orthogonalises
-    evaluation      the fp32 masters gathered (into the idle gradient buffer, or a fresh one with a step's
-                    gradients pending) as the trainer's fp32 model, its Lipschitz bound and head distances,
-                    and a certification pass of `certify.batch_size` images
+    evaluation      the fp32 masters gathered into a fresh flat buffer (ZeRO-2 has no idle full-size
+                    gradient buffer to borrow) as the trainer's fp32 model, its `Certifier` (every block's
+                    M·Rᵀ held, the Lipschitz bound, head distances) and a certification pass of
+                    `certify.batch_size` images
 
 What does not run faked, and what is done instead:
 
@@ -32,11 +36,12 @@ What does not run faked, and what is done instead:
 - Fake `cuda` tensors: autograd's backward aborts without a GPU (DESIGN.md §7), so the device is `cpu`; the
   byte counts are the same (MemTracker rounds `cuda` storages up to 512 bytes, which is negligible here).
 - Host reads of a tensor's value (`.item()`, `bool()`, `int()`, `.tolist()`): a fake tensor has none, and
-  FakeTensorMode refuses them (DataDependentOutputException). `HostReads` answers each: bools True, numbers 0.
-  So the step is taken as finite and unclipped, a data-dependent loop stops at its first check (Newton–
-  Schulz re-orthogonalisation), and a data-dependent choice takes the branch that answer selects unless the
-  code decides for fake tensors itself (the retraction's order: the worst case where its host decision
-  knows fake tensors, otherwise the lowest order). The reads are counted per phase and reported, since a
+  FakeTensorMode refuses them (DataDependentOutputException). `HostReads` answers each: bools True, integers
+  0, floats 0 (1 in evaluation). So the step is taken as finite and unclipped, and a data-dependent choice
+  takes the branch that answer selects unless the code decides for fake tensors itself (the retraction's
+  order and Newton–Schulz count: the worst case). In evaluation a float read is 1, not 0, because the
+  Lipschitz bound's recursion (`rounding._spectral_up`) stops early on a zero Frobenius norm: with 1 it
+  runs all its squarings, as on real weights. The reads are counted per phase and reported, since a
   host read is a device sync on a GPU. (A ShapeEnv with `allow_scalar_outputs` returns symbolic scalars
   instead, but the first comparison or `math.sqrt` of one raises GuardOnDataDependentSymNode.)
 - Work inside one kernel (matrix_exp, SVD, QR workspaces, cuBLAS/NCCL buffers) is not a tensor and is not
@@ -44,7 +49,8 @@ What does not run faked, and what is done instead:
 - `torch.compile` of the blocks is switched off (as torchtitan does): the eager step's memory is measured.
 
 The rank simulated is the one with the most optimizer state (ties: the lowest), as the planner picks it:
-weights and the gradient buffer are the same size on every rank, so it holds the largest peak.
+weights are the same size on every rank and gradient accumulators follow the same ownership, so it holds the
+largest peak.
 """
 
 from __future__ import annotations
@@ -61,13 +67,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
-from lipnext_scale.certify import certification_counts, head_pair_distances
+from lipnext_scale.certify import Certifier, certification_counts
 from lipnext_scale.config import Recipe
 from lipnext_scale.loss import classification_loss, training_eps
 from lipnext_scale.memory_plan import plan, planned_dtype, recipe_micro_batch
@@ -78,11 +84,12 @@ from lipnext_scale.trainer import Trainer
 # MemTracker's category names (its `_MemRefType` values) → what they hold in this step.
 CATEGORIES = {
     "Parameter": "weights (compute dtype; in evaluation the fp32 model's weights, i.e. the gathered masters)",
-    "Gradient": "parameter gradients (compute dtype), each alive until its hook adds it to the fp32 buffer",
+    "Gradient": "parameter gradients (compute dtype) until the optimizer's hook copies them into a bucket; "
+    "the fp32 bucket send buffers (≤ 2 alive) and the owned fp32 gradient accumulators (ZeRO-2)",
     "Optstate": "optimizer state of the owned parameters (+ the step's temporaries, during the step)",
     "Activation": "forward activations and every tensor made outside backward and the step",
     "Temp": "backward temporaries (gradients of activations)",
-    "Other": "the fp32 gradient accumulation buffer (the one tensor registered with track_external)",
+    "Other": "tensors registered with track_external that are none of the above (none expected)",
     "Buffer": "module buffers",
 }
 PHASES = ("start-up", "micro-batch", "optimizer step", "evaluation")
@@ -90,18 +97,19 @@ PHASES = ("start-up", "micro-batch", "optimizer step", "evaluation")
 
 class HostReads(TorchDispatchMode):
     """Answers the host reads of fake tensors (`aten._local_scalar_dense`: `.item()`, `bool()`, `int()`,
-    each element of `.tolist()`), which have no value to read: True for a bool, 0 for a number (module
-    docstring). Counts them."""
+    each element of `.tolist()`), which have no value to read: True for a bool, 0 for an integer, `number`
+    for a float (module docstring). Counts them."""
 
-    def __init__(self):
+    def __init__(self, number: float = 0.0):
         super().__init__()
         self.count = 0
+        self.number = number
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
             dtype = args[0].dtype
-            return True if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+            return True if dtype == torch.bool else self.number if dtype.is_floating_point else 0
         return func(*args, **(kwargs or {}))
 
 
@@ -171,6 +179,41 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def fake_data_pointers() -> Iterator[None]:
+    """`data_ptr()` of a fake tensor that tells storages apart. FakeTensor's own is 0 + the view's byte offset
+    for every storage, so the optimizer's "is this master the weight itself?" (`_bind_storage`, `write_back`,
+    `state_bytes`) would answer yes for any two tensors at offset 0: `_bind_storage` would replace every
+    fp32 master with a compute-dtype view of the weights. Here: the storage's own address (`_cdata`, unique
+    while it lives) shifted past any offset, plus the offset in bytes; only compared for equality."""
+    saved = FakeTensor.data_ptr
+
+    def data_ptr(self: torch.Tensor) -> int:
+        return (self.untyped_storage()._cdata << 64) + self.storage_offset() * self.element_size()
+
+    FakeTensor.data_ptr = data_ptr
+    try:
+        yield
+    finally:
+        FakeTensor.data_ptr = saved
+
+
+def _gradient_tensors(optimizer: ShardedManifoldOptimizer) -> list[torch.Tensor]:
+    """The optimizer's gradient memory (ZeRO-2): bucket send buffers being filled, reductions in flight (send
+    and receive buffers) and the owned fp32 accumulators (views of a landed receive buffer, or of the reduce
+    bucket's gradient itself)."""
+    tensors = [t for t in optimizer._sends if t is not None]
+    tensors += [t for _work, _index, send, out in optimizer._in_flight for t in (send, out)]
+    return tensors + list(optimizer._grads.values())
+
+
+def _tag_gradients(tracker: MemTracker, optimizer: ShardedManifoldOptimizer) -> None:
+    # MemTracker files a tensor made in backward as a temporary, and offers no public way to name another
+    # category (`track_external` says "Other"); its own gradient hook uses this call.
+    for t in _gradient_tensors(optimizer):
+        tracker._update_and_maybe_create_winfos(t, _MemRefType.GRAD)
+
+
 def _largest_rank(planned: dict) -> int:
     per_rank = planned["optimizer_per_rank"]
     return max(range(len(per_rank)), key=lambda r: (per_rank[r], -r))
@@ -200,12 +243,16 @@ def dry_run(
     planned = plan(recipe, world_size, micro_batch=micro, dtype=dtype)
     rank = _largest_rank(planned) if rank is None else rank
     accumulation = max(1, recipe.data.batch_size // (micro * world_size))
-    static = planned["weights"] + planned["grad_buffer"] + planned["optimizer_per_rank"][rank]
+    # The terms of the planner's peak (memory_plan.plan), phase by phase.
+    static = planned["weights"] + planned["optimizer_per_rank"][rank]
     planned_phase = {
         "start-up": planned["init_peak"],
-        "micro-batch": static + planned["activations"]["peak"] + planned["transient_grads"],
-        "optimizer step": static + planned["step_transient"],
-        "evaluation": static + planned["evaluation"]["extra"],
+        "micro-batch": static
+        + planned["backward_grads"]
+        + planned["activations"]["peak"]
+        + planned["transient_grads"],
+        "optimizer step": static + planned["grad_accumulators"] + planned["step_transient"],
+        "evaluation": static + planned["evaluation_pending_grads"] + planned["evaluation"]["extra"],
     }
     phases: list[Phase] = []
     live: dict = {}  # what the phases hand on to each other: model, optimizer
@@ -215,8 +262,9 @@ def dry_run(
         tracker = MemTracker()
         tracker.track_external(*(x for x in (live.get("model"), live.get("optimizer")) if x is not None))
         if "optimizer" in live:
-            tracker.track_external(live["optimizer"].grad_buffer)
-        reads = HostReads()
+            _tag_gradients(tracker, live["optimizer"])
+        live["tracker"] = tracker
+        reads = HostReads(1.0 if phase == "evaluation" else 0.0)
         t0 = time.perf_counter()
         with tracker, reads:
             at_start = _bytes_by_category(tracker.get_tracker_snapshot("current"))
@@ -237,8 +285,8 @@ def dry_run(
     with torch.device("meta"):  # activation checkpointing as the trainer resolves it ("auto": by the plan)
         meta_model = build_model(recipe, planned["activation_checkpointing"])
     fake = FakeTensorMode()
-    with fake_world(world_size, rank), fake, warnings.catch_warnings():
-        # The optimizer's hook moves each gradient into its buffer and sets `param.grad = None` before
+    with fake_world(world_size, rank), fake, fake_data_pointers(), warnings.catch_warnings():
+        # The optimizer's hook copies each gradient into its bucket and sets `param.grad = None` before
         # MemTracker's own post-accumulate hook looks at `param.grad`; it warns about the None and goes on.
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
 
@@ -252,27 +300,39 @@ def dry_run(
             finally:
                 fake.allow_non_fake_inputs = False
             model.train()
-            # As the trainer: the optimizer takes its fp32 masters from the fp32 weights, then the cast.
+            # As the trainer: the optimizer takes its fp32 masters from the fp32 weights, hooks the modules to
+            # wait for their all-gathered weights, then the cast.
             optimizer = ShardedManifoldOptimizer(
                 named_parameters_with_kinds(model), manifold_hyper(recipe), grad_clip=recipe.optim.grad_clip
             )
+            optimizer.wait_before_forward(model)
             for p in model.parameters():
                 p.data = p.data.to(dtype)
+            # Registered after the optimizer's own hooks, so it runs after each of them: whatever gradient
+            # memory the optimizer holds then (a new bucket, an issued reduction, a landed accumulator) is
+            # filed under "Gradient" rather than as a backward temporary.
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(lambda _: _tag_gradients(live["tracker"], optimizer))
             live.update(model=model, optimizer=optimizer)
             # Made inside the tracker, all of it counted as activations so far; registered now, so that the
             # phase's end shows the categories (its peak, set by the cast, does not).
-            tracker.track_external(model, optimizer, optimizer.grad_buffer)
+            tracker.track_external(model, optimizer)
 
-        def micro_batch_step(_: MemTracker) -> None:
+        def micro_batch_step(tracker: MemTracker) -> None:
             model, optimizer, m, t = live["model"], live["optimizer"], recipe.model, recipe.train
-            images = torch.rand(micro, 3, m.image_size, m.image_size)
-            labels = torch.randint(0, m.num_classes, (micro,))
-            eps = training_eps(t.eps, t.eps_ramp, 0.0)
-            logits = model(images)
-            head = model.head.normalized_weight().float()
-            loss = classification_loss(t.loss, logits, labels, head, eps)
-            optimizer.note_loss(loss)
-            loss.backward()
+            # With gradient accumulation, every micro-batch after the first runs with the owned fp32
+            # accumulators alive: two micro-batches, so that the phase's peak is that of such a one.
+            for _ in range(2 if accumulation > 1 else 1):
+                tracker.reset_mod_stats()  # per-module statistics (unused) allow one pass; totals go on
+                images = torch.rand(micro, 3, m.image_size, m.image_size)
+                labels = torch.randint(0, m.num_classes, (micro,))
+                eps = training_eps(t.eps, t.eps_ramp, 0.0)
+                logits = model(images)
+                head = model.head.normalized_weight().float()
+                loss = classification_loss(t.loss, logits, labels, head, eps)
+                optimizer.note_loss(loss)
+                loss.backward()
+                del images, labels, logits, head, loss
 
         def optimizer_step(_: MemTracker) -> None:
             optimizer = live["optimizer"]
@@ -284,12 +344,13 @@ def dry_run(
             images = torch.rand(recipe.certify.batch_size, 3, m.image_size, m.image_size)
             labels = torch.randint(0, m.num_classes, (recipe.certify.batch_size,))
             with optimizer.fp32_state_in_grad_buffer() as state:
-                # The trainer's own fp32 model (it reads nothing of the trainer but the recipe).
+                # As `Trainer.evaluate`: its own fp32 model (it reads nothing of the trainer but the recipe),
+                # the certifier (every block's M·Rᵀ held; the bound's matrices split across ranks).
                 model = Trainer.fp32_model(types.SimpleNamespace(recipe=recipe), state)
-                bound = model.lipschitz_bound()
-                distances = head_pair_distances(model)
-                certification_counts(model, [(images, labels)], list(recipe.certify.eps), bound, distances)
-                del model
+                share = (rank, world_size, Trainer._sum_scalars)
+                certifier = Certifier(model, recipe.certify.mode, share=share)
+                certification_counts(certifier, [(images, labels)], list(recipe.certify.eps))
+                del model, certifier
 
         run_phase("start-up", start_up)
         run_phase("micro-batch", micro_batch_step)

@@ -10,8 +10,11 @@ Per rank (b = bytes of the compute dtype, P = parameters):
 
 - weights: P·b on every rank;
 - gradients (ZeRO-2, `optim/sharded.py`): the fp32 accumulators of the parameters this rank owns (largest
-  rank: ≈ 4·P/N), plus the send buffers of two buckets in flight during backward, fp32 (a scatter bucket
-  holds N equally sized matrices, so this term is 2·N·W²·4 until N exceeds the matrix count);
+  rank: ≈ 4·P/N), plus the send buffers of two buckets in flight during backward and the tail's, fp32 (a
+  scatter bucket holds N equally sized matrices, so this term is 2·N·W²·4 until N exceeds the matrix count
+  or a bucket `BUCKET_BYTES`); at the activation peak (the start of backward) only one large bucket is
+  being filled: the second appears after the blocks of the first have freed their activations
+  (`backward_gradients`);
 - transient compute-dtype gradients: autograd writes each parameter's gradient, a hook moves it into the
   fp32 buffer at once; at most dP (P = M·Rᵀ), dM and dR of one block are alive together: 3·W²·b;
 - optimizer state of the owned parameters: fp32 master (only when b < 4 — an fp32 weight is its own
@@ -37,8 +40,12 @@ Per rank (b = bytes of the compute dtype, P = parameters):
       activation peak     = input + kept + working set + S_block·[the last block is checkpointed]
   tests/test_plan_memory.py checks `kept` against the bytes autograd saves (saved_tensors_hooks) and the
   peak against the live bytes of a real forward/backward, on CPU;
-- optimizer step (activations freed): the Riemannian update of one matrix (≈ 12 float64 W×W temporaries:
-  FastExp / polar; an estimate); the all-gather runs in place into the weights, with no buffer;
+- optimizer step (activations freed; the owned fp32 gradient accumulators alive): every owned matrix's
+  update keeps, across the step's one host read, its skew step A (fp32) and A² (float64) — both doubled at
+  a Lookahead sync — and a float64 defect XᵀX − I per matrix re-orthogonalised (orthogonal W×W at the worst
+  step, which syncs and re-orthogonalises: 2·W²·4 + 2·W²·8 + W²·8; a Stiefel n×k matrix Y and YᵀY − I in
+  float64), summed over the rank's owned matrices; plus one matrix finishing after the read
+  (`UPDATE_TEMPORARIES` float64 W×W); the all-gather runs in place into the weights, with no buffer;
 - evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
   fp32 weights), 4·P; plus either a no-grad fp32 forward of
   ``certify.batch_size`` images — the input I = B·3·S²·4 and the larger of the stem's (the centred
@@ -49,7 +56,7 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   every block's M·Rᵀ (L·W²·4), formed once so that the bound measures the product the forward pass applies.
 
 Peak = weights + optimizer state
-       + max(gradients + activation peak + transient gradients,   (backward)
+       + max(backward gradients + activation peak + transient gradients,   (backward)
              owned gradient accumulators + optimizer step,        (step; the buckets are gone)
              evaluation)                                          (no gradients alive).
 Beside it, the start-up peak: fp32 weights + optimizer state without the owned masters (built from the fp32
@@ -76,7 +83,12 @@ from lipnext_scale.pretrained import build_model
 
 GIB = 2**30
 BACKWARD_WORKING_SET = 2.8  # × N·W·b
-UPDATE_TEMPORARIES = 12  # float64 W×W matrices alive in one Riemannian update (estimate)
+# float64 W×W matrices alive while one matrix finishes its update after the host read (besides what it
+# held across the read): Newton–Schulz of the slow weights (their float64 copy, the iterate, X·D and X·D/2,
+# a new defect) or the retraction (X and A in float64, A/2^s, A²/4^s, the series' block and accumulator,
+# one product) — 6 measured by the dry run (FakeTensorMode, in1k_1b); the SVD fallback of the polar factor
+# (X, U, Vᵀ, U·Vᵀ + the solver's workspace, which no tensor shows) is covered by the margin (an estimate).
+UPDATE_TEMPORARIES = 8
 CHECKPOINT_OPTIONS = (0, 1, 2, 4)
 
 
@@ -120,6 +132,11 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         model = build_model(recipe)
     named = [(n, p.numel()) for n, p in model.named_parameters()]
     sizes = dict(named)
+    hyper = manifold_hyper(recipe)
+    held = {
+        n: held_across_host_read(kind, tuple(p.shape), hyper)
+        for n, p, kind in named_parameters_with_kinds(model)
+    }
     buckets = plan_buckets(named, world_size)
     owners = owners_of(buckets)
     state = optimizer_state_bytes(recipe, dtype)
@@ -131,12 +148,17 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
             per_rank[owners[name]][key] += nbytes
     totals = [sum(r.values()) for r in per_rank]
     grads = [0] * world_size
+    update_held = [0] * world_size
     for name, size in named:
         grads[owners[name]] += size * 4
-    # Send buffers alive at once: the one in flight and the one being filled (ShardedManifoldOptimizer,
-    # max_buckets_in_flight = 2), fp32.
-    buckets_in_flight = 2 * max(bk.numel for bk in buckets) * 4
-    largest = max(range(world_size), key=lambda r: totals[r])
+        update_held[owners[name]] += held[name]
+    # Send buffers alive at once (fp32): the one in flight and the one being filled (ShardedManifoldOptimizer,
+    # max_buckets_in_flight = 2), and the tail's, filled from the first gradients of backward to its last.
+    tail = sum(bk.numel * 4 for bk in buckets if bk.kind == "tail")
+    largest = max((bk for bk in buckets if bk.kind != "tail"), key=lambda bk: bk.numel, default=None)
+    bucket = largest.numel * 4 if largest else 0
+    buckets_in_flight = 2 * bucket + tail
+    heaviest = max(range(world_size), key=lambda r: totals[r])
     matrix = max(sizes.values())
     return {
         "params": sum(sizes.values()),
@@ -144,12 +166,17 @@ def parameter_plan(recipe: Recipe, world_size: int, dtype: torch.dtype) -> dict:
         "weights": sum(sizes.values()) * b,
         "grad_accumulators": max(grads),
         "buckets": buckets_in_flight,
+        "bucket": bucket,
+        "bucket_members": len(largest.names) if largest else 0,
+        "reduce_bucket": max((bk.numel * 4 for bk in buckets if bk.kind == "reduce"), default=0),
+        "tail_bucket": tail,
         # Gradient memory of the largest rank during backward: what the full-size buffer of ZeRO-1 was.
         "grad_buffer": max(grads) + buckets_in_flight,
         "padding": sum(bk.padding for bk in buckets),
         "transient_grads": 3 * matrix * b,
         "optimizer_per_rank": totals,
-        "optimizer_by_key_largest_rank": per_rank[largest],
+        "update_held_per_rank": update_held,
+        "optimizer_by_key_largest_rank": per_rank[heaviest],
         "optimizer_unsharded": sum(totals),
         "largest_state": max(sum(parts.values()) for parts in state.values()),
     }
@@ -180,6 +207,7 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
     return {
         "micro_batch": micro_batch,
         "activation_checkpointing": checkpointing,
+        "block_kept_min": nw if checkpointed else block,
         "fused": fused,
         "per_block": block,
         "blocks_kept": blocks_kept,
@@ -191,9 +219,33 @@ def activation_plan(model: ModelConfig, loss: str, micro_batch: int, b: int, che
     }
 
 
+def held_across_host_read(kind: str, shape: tuple[int, ...], hyper) -> int:
+    """Bytes one owned parameter's update keeps from its first phase to its second, across the step's one
+    host read (`ManifoldOptimizer.update_parameters`: every owned matrix's first phase runs before the read,
+    and the closures keep what they captured until the last matrix has finished), at the worst step: one
+    that syncs Lookahead and re-orthogonalises (when the recipe does either)."""
+    sync, reorth = bool(hyper.lookahead_k), bool(hyper.reorthogonalize_every)
+    if kind == "orthogonal":  # W×W
+        w2 = shape[0] * shape[1]
+        e = dtype_bytes(hyper.exp_dtype)
+        factors = 1 + sync  # the skew step A (fp32), and at a sync α·Σ A (fp32)
+        held = factors * w2 * 4 + factors * w2 * e  # + A² of each, in the retraction's dtype
+        # + a float64 defect XᵀX − I of the one matrix re-orthogonalised: the slow weights at a Lookahead
+        # sync, the master without Lookahead. (A re-orthogonalisation between syncs holds two, the master's
+        # and the slow weights', but one factor: 1·(4 + e) + 2·8 ≤ 2·(4 + e) + 8 for e ≥ 4.)
+        return held + (w2 * 8 if reorth else 0)
+    if kind == "stiefel":  # n×k: Y = X + D and YᵀY − I, float64
+        n, k = shape[0], shape[-1]
+        return n * k * 8 + k * k * 8
+    return 0  # euclidean: updated in place in the first phase, nothing kept
+
+
 def step_transient(params: dict, world_size: int, b: int) -> int:
-    # The reduced gradients are the accumulators (counted in grad_buffer); the all-gather is in place.
-    return UPDATE_TEMPORARIES * params["largest_matrix"] * 8
+    """Bytes the optimizer step adds to weights, optimizer state and the owned gradient accumulators: what
+    every owned matrix holds across the host read (`held_across_host_read`, the largest rank's) plus the
+    second phase of one matrix. The reduced gradients are the accumulators (counted beside this); the
+    all-gather is in place."""
+    return max(params["update_held_per_rank"]) + UPDATE_TEMPORARIES * params["largest_matrix"] * 8
 
 
 def evaluation_plan(model: ModelConfig, batch: int, params: dict) -> dict:
@@ -229,9 +281,24 @@ def recomputed_blocks(depth: int, checkpointing: int) -> int:
     return len(range(0, depth, checkpointing)) if checkpointing else 0
 
 
+def backward_gradients(params: dict, activations: dict) -> int:
+    """fp32 gradient bytes alive at the backward's peak: the owned accumulators (all of them from the second
+    micro-batch of a step on), the tail's send buffer and the largest bucket being filled, plus either a
+    reduction in flight beside it (at most the largest reduce bucket, e.g. the head's gradient, issued at
+    once) or a second large bucket. The second large send buffer appears only once the first is complete,
+    i.e. once the backward of the blocks whose matrices fill it (two per block) is done and their saved
+    activations are freed — all but the block in progress; the activation peak comes at the start of
+    backward, so those bytes are not both alive (ZeRO-2, optim/sharded.py)."""
+    done_blocks = max(0, params["bucket_members"] // 2 - 1)
+    freed = done_blocks * activations["block_kept_min"]
+    second = max(params["reduce_bucket"], params["bucket"] - freed)
+    return params["grad_accumulators"] + params["tail_bucket"] + params["bucket"] + second
+
+
 def peak_bytes(params: dict, activations: dict, step: int) -> int:
     static = params["weights"] + max(params["optimizer_per_rank"])
-    return static + max(params["grad_buffer"] + activations["peak"] + params["transient_grads"], step)
+    backward = backward_gradients(params, activations) + activations["peak"] + params["transient_grads"]
+    return static + max(backward, step)
 
 
 def startup_peak(params: dict, b: int) -> int:
@@ -276,8 +343,12 @@ def plan(
     step = step_transient(params, world_size, b)
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
     evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params)
-    # Phases between forward/backward passes: the step (owned gradients still alive), evaluation (none).
-    between = max(params["grad_accumulators"] + step, evaluation["extra"])
+    # Phases between forward/backward passes: the step (owned gradients still alive), evaluation (none,
+    # unless gradient accumulation lets an epoch end between micro-batches of a step: the trainer then
+    # evaluates with that step's owned accumulators pending).
+    accumulation = max(1, recipe.data.batch_size // (micro * world_size))
+    pending = params["grad_accumulators"] if accumulation > 1 else 0
+    between = max(params["grad_accumulators"] + step, pending + evaluation["extra"])
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
     asked = recipe.model.activation_checkpointing
@@ -319,8 +390,10 @@ def plan(
         "activation_checkpointing_asked": asked,
         **{k: v for k, v in params.items()},
         "activations": act,
+        "backward_grads": backward_gradients(params, act),
         "step_transient": step,
         "evaluation": evaluation,
+        "evaluation_pending_grads": pending,
         "init_peak": init,
         "peak": peak,
         "fits": peak <= usable,

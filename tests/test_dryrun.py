@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lipnext_scale.config import load_recipe
 from lipnext_scale.dryrun import HostReads, dry_run
+from lipnext_scale.optim.sharded import plan_buckets
 from lipnext_scale.pretrained import build_model
 from tests.conftest import REPO
 
@@ -23,7 +24,7 @@ CASES = {
     # the images dominate (and the stem's copies of them in evaluation, at this width).
     "in1k_L32W64_2": ("in1k_1b.yaml", ["model.size=L32W64"], 2),
     "in1k_L32W64_8": ("in1k_1b.yaml", ["model.size=L32W64"], 8),
-    # Tiny micro-batches: weights, gradient buffer and optimizer state dominate; gradient accumulation, so the
+    # Tiny micro-batches: weights, gradients and optimizer state dominate; gradient accumulation, so the
     # evaluation gathers the masters into a fresh buffer (a step's gradients pending).
     "quick_L32W128_2": (
         "quickstart.yaml",
@@ -57,35 +58,71 @@ def test_dry_run_peaks_agree_with_the_plan(case):
     assert abs(r.ratio - 1) <= TOLERANCE, (r.peak, r.plan["peak"])
 
 
+def zero2_gradient_bytes(
+    named_sizes: list[tuple[str, int]], world_size: int, rank: int, micro_batches: int
+) -> dict[str, int]:
+    """Gradient bytes `rank` holds after `micro_batches` backwards under ShardedManifoldOptimizer, counted
+    from its buckets: each owned accumulator is a view of its bucket's fp32 receive buffer, which it keeps
+    alive whole (a scatter or tail segment; a reduce bucket's gradient itself), and the last bucket's
+    reduction is still in flight (send buffer + receive buffer), landed only by the step or by the next
+    micro-batch's first reduction."""
+    buckets = plan_buckets(named_sizes, world_size)
+    last = buckets[-1]
+    landed = buckets if micro_batches > 1 else buckets[:-1]
+    owned = sum(b.segment * 4 for b in landed if rank in b.owners)
+    in_flight = last.numel * 4 + (0 if last.kind == "reduce" else last.segment * 4)
+    return {"accumulators": owned, "in_flight": in_flight, "gathered": sum(b.numel for b in buckets) * 4}
+
+
 def test_dry_run_measures_the_real_step_not_the_plan(case):
     """Byte counts the dry run can only get from the real objects: the bf16 weights are P·2 exactly, the
-    optimizer state is the simulated rank's, every category of the step is seen."""
+    optimizer state is the simulated rank's, the ZeRO-2 gradient memory is the rank's buckets', every
+    category of the step is seen."""
     recipe, r = case
     with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(recipe).parameters())
+        named = [(n, p.numel()) for n, p in build_model(recipe).named_parameters()]
+    params = sum(s for _, s in named)
+    grads = zero2_gradient_bytes(named, r.world_size, r.rank, 2 if r.accumulation > 1 else 1)
     phases = {p.name: p for p in r.phases}
     step_start = phases["micro-batch"].at_start
     assert r.compute_dtype == "bfloat16" and r.params == params
     assert step_start["Parameter"] == params * 2  # cast as the trainer casts: bf16 weights, every rank
-    assert step_start["Other"] == r.plan["grad_buffer"] >= params * 4  # the fp32 buffer, full size
+    # ZeRO-2: no gradient memory before the first backward; after the phase's one or two (with accumulation)
+    # backwards, the owned fp32 accumulators (about 4·P/N, not the full-size 4·P buffer of ZeRO-1) and the
+    # one reduction still in flight.
+    assert step_start.get("Gradient", 0) == 0
+    after_backward = phases["micro-batch"].at_end
+    assert after_backward["Gradient"] == grads["accumulators"] + grads["in_flight"]
+    assert grads["accumulators"] < params * 4
+    assert after_backward.get("Other", 0) == 0  # every gradient tensor was filed as a gradient
     per_rank = r.plan["optimizer_per_rank"]
     assert r.rank == per_rank.index(max(per_rank))  # the largest-loaded rank is the one simulated
     assert step_start["Optstate"] == per_rank[r.rank] > 0
     assert phases["micro-batch"].at_peak["Activation"] > 0
     assert phases["optimizer step"].at_peak["Optstate"] > step_start["Optstate"]  # the step's temporaries
     assert phases["optimizer step"].host_reads >= 1  # the global norm is read on the host once per step
-    # Evaluation certifies with the fp32 masters, gathered on every rank as the fp32 model's weights.
+    # The step frees every gradient (ZeRO-2), whatever ran before it.
+    assert phases["optimizer step"].at_end.get("Gradient", 0) == 0
+    # Evaluation certifies with the fp32 masters, gathered on every rank into a fresh flat buffer (one view
+    # per parameter, the buckets' padding included) as the fp32 model's weights, freed when it ends.
     evaluation = phases["evaluation"]
-    if r.accumulation == 1:  # into the idle gradient buffer, which MemTracker then sees as parameters
-        assert evaluation.at_end["Parameter"] == params * 2 + r.plan["grad_buffer"]
-        assert evaluation.at_end.get("Other", 0) == 0
-    else:  # a step's gradients pending in the buffer: a fresh one, freed again
-        assert evaluation.at_end["Other"] == r.plan["grad_buffer"]
-        assert evaluation.peak - evaluation.at_start["Total"] >= r.plan["grad_buffer"]
-    # Phases do not leak: what a phase leaves is what the next one starts from (give or take a few scalars
-    # made earlier, e.g. the optimizer's device-side counters, which MemTracker sees when a phase uses them).
+    assert evaluation.peak - evaluation.at_start["Total"] >= grads["gathered"]
+    # (MemTracker files them as parameters once the fp32 model's forward has run; the peak may come before.)
+    assert evaluation.at_peak["Parameter"] in (params * 2, params * 2 + grads["gathered"])
+    assert evaluation.at_end["Parameter"] == params * 2
+    if r.accumulation == 1:  # after the step: no gradients
+        assert evaluation.at_start.get("Gradient", 0) == 0
+    else:  # a step's gradients pending (the dry run evaluates before the step then): they stay alive
+        assert evaluation.at_start["Gradient"] == evaluation.at_end["Gradient"] == after_backward["Gradient"]
+
+    # Phases do not leak: what a phase leaves is what it started from (give or take a few scalars made
+    # earlier, e.g. the optimizer's device-side counters, which MemTracker sees when a phase uses them),
+    # besides the gradients that backward leaves for the step (checked above).
+    def kept(snapshot: dict) -> int:
+        return snapshot["Total"] - snapshot.get("Gradient", 0)
+
     for p in r.phases[1:]:
-        assert p.at_end["Total"] <= p.at_start["Total"] + 1024, p
+        assert kept(p.at_end) <= kept(p.at_start) + 1024, p
 
 
 def test_host_reads_of_fake_scalars_are_answered_and_counted():

@@ -68,7 +68,8 @@ def format_plan(p: dict, title: str = "") -> str:
         f"  {'per rank':<62}{'GiB':>8}",
         row(f"weights ({b}, every rank)", p["weights"]),
         row("fp32 gradients: owned accumulators (largest rank)", p["grad_accumulators"]),
-        row("fp32 gradients: two buckets in flight during backward", p["buckets"]),
+        row("fp32 gradients: send buffers, two buckets + the tail (at most)", p["buckets"]),
+        row("fp32 gradients at the backward peak (accumulators + buffers)", p["backward_grads"]),
         *(row(f"{names.get(k, k)} (owned; largest rank)", v) for k, v in by_key.items()),
         row(
             f"= optimizer state, largest rank (unsharded {p['optimizer_unsharded'] / GIB:.1f})",
@@ -85,7 +86,7 @@ def format_plan(p: dict, title: str = "") -> str:
         ),
         f"  collectives' padding {p['padding'] / p['params']:.3%} of the parameters",
         row("PEAK", p["peak"], f"   {verdict} in {p['usable'] / GIB:.1f} usable"),
-        row("(start-up peak: fp32 weights + buffer + state, during the cast)", p["init_peak"]),
+        row("(start-up peak: fp32 weights + state, during the cast)", p["init_peak"]),
         "",
         f"act. checkpointing | act. peak GiB | peak GiB @ micro {p['micro_batch']:<4} | fits | "
         "largest micro-batch | largest dividing batch/ranks",
