@@ -63,7 +63,10 @@ def test_buckets_follow_backward_order():
         ready = [max(position[n] for n in b.names) for b in plan_buckets(sizes, world)]
         assert ready == sorted(ready)
         kinds = {b.kind for b in plan_buckets(sizes, world)}
-        assert kinds == {"scatter", "reduce", "tail"}, world  # the quickstart exercises all three
+        # The quickstart's 17 large parameters allow scatter buckets of 2 (SCATTER_SPAN: at most 1/8 of
+        # backward each); with more ranks every matrix is reduced to its owner on its own.
+        expected = {"scatter", "reduce", "tail"} if world == 2 else {"reduce", "tail"}
+        assert kinds == expected, world
 
 
 OVERLAP_STEPS = 6
