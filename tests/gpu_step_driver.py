@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# Run by path (torchrun): this folder is sys.path[0], the repository root is not, so import its sibling.
+from dist_driver import build_trainer, digits_tensors, rank_slice
+
 from lipnext_scale import distributed
-from tests.dist_driver import build_trainer, digits_tensors, rank_slice
 
 COLLECTIVES = (
     "all_reduce",
