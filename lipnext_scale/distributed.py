@@ -122,30 +122,13 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def reduce_scatter_flat(out: torch.Tensor, flat: torch.Tensor) -> None:
-    """`out` ← this rank's 1/N slice of the sum over ranks of `flat` (len(flat) = N·len(out))."""
-    if not _many():
-        out.copy_(flat)
-        return
-    _check_device(out, flat)
-    _flat("reduce_scatter_single", "reduce_scatter_tensor")(out, flat)
-
-
-def all_gather_flat(out: torch.Tensor, mine: torch.Tensor) -> None:
-    """`out` ← every rank's `mine`, concatenated in rank order (len(out) = N·len(mine))."""
-    if not _many():
-        out.copy_(mine)
-        return
-    _check_device(out, mine)
-    _flat("all_gather_single", "all_gather_into_tensor")(out, mine)
-
-
 # --- asynchronous forms for the sharded optimizer: each returns the pending work (`.wait()`), or None when
 # there was nothing to wait for (a world of one, or async_op=False) ---
 
 
 def reduce_scatter_async(out: torch.Tensor, flat: torch.Tensor, async_op: bool = True):
-    """`reduce_scatter_flat`, returning its work handle when `async_op`."""
+    """`out` ← this rank's 1/N slice of the sum over ranks of `flat` (len(flat) = N·len(out)); the work
+    handle when `async_op`."""
     if not _many():
         if out.data_ptr() != flat.data_ptr():
             out.copy_(flat)
