@@ -652,3 +652,89 @@ def test_pil_randaugment_suite_matches_dalis() -> None:
     assert not (posterized & 1).any() and (posterized & 2).any()  # keeps 7 bits at bin 9
     shifted = np.asarray(_op("translate_x", 100 / 224 * m, 128)(img))
     assert (shifted[:, :4] == 128).all() and not (shifted[:, 5:] == 128).all()  # 4.3 px of grey fill
+
+
+def _read_batches(stream, count: int, reference) -> list[str]:
+    keys = []
+    for _ in range(count):
+        images, _ = next(stream)
+        keys += identify(images, reference)
+    return keys
+
+
+@pytest.mark.parametrize("backend", ["dali", "wds"])
+def test_resume_on_another_world_size_reads_the_unread_samples_once(
+    digits: dict[str, Path], reference: dict[str, object], backend: str
+) -> None:
+    """3 ranks read 7 batches each; then 2 ranks, then 4, finish epoch 0 on exactly what was unread."""
+    batch = 20
+
+    def make(rank: int, world_size: int):
+        return loader(
+            digits["train"],
+            batch_size=batch,
+            train=True,
+            rank=rank,
+            world_size=world_size,
+            backend=backend,
+            seed=3,
+        )
+
+    def states_of(loaders) -> list[dict]:
+        return [json.loads(json.dumps(ld.state_dict())) for ld in loaders]  # as a checkpoint keeps them
+
+    old = [make(r, 3) for r in range(3)]
+    seen = [_read_batches(iter(ld), 7, reference) for ld in old]
+    assert all(ld.batches_in_epoch == NUM_TRAIN // 3 // batch for ld in old)
+
+    middle = [make(q, 2) for q in range(2)]
+    for ld in middle:
+        ld.load_resharded(states_of(old))
+    unread_then = NUM_TRAIN - 3 * 7 * batch
+    assert {ld.batches_in_epoch for ld in middle} == {(unread_then // 2) // batch}
+    seen += [_read_batches(iter(ld), 4, reference) for ld in middle]
+
+    # A same-size resume inside the remainder epoch replays it exactly (DALI: the slice is rebuilt).
+    again = make(1, 2)
+    again.load_state_dict(states_of(middle)[1])
+    expected = [k for x, _ in middle[1] for k in identify(x, reference)]
+    assert [k for x, _ in again for k in identify(x, reference)] == expected
+
+    last = [make(q, 4) for q in range(4)]
+    states = states_of([middle[0], again])  # rank 1 has finished its remainder epoch, rank 0 has not
+    for ld in last:
+        ld.load_resharded(states)
+    tail = [[k for x, _ in ld for k in identify(x, reference)] for ld in last]
+    assert all(ld.epoch == 0 and ld.epoch_complete for ld in last)
+
+    read = [k for keys in (*seen, *tail) for k in keys] + expected
+    assert len(read) == len(set(read)), "a sample was read twice in the epoch"
+    # Dropped: each remainder's fewer-than-world-size leftovers and partial batches, nothing else.
+    unread_then = NUM_TRAIN - len(read)
+    assert 0 <= unread_then < (2 + 4) * (batch + 1)
+
+    # The next epoch is an ordinary one at the new size.
+    train_keys = reference["keys"][:NUM_TRAIN]
+    for q, ld in enumerate(last):
+        keys = [k for x, _ in ld for k in identify(x, reference)]
+        part = set(train_keys[((q + 1) % 4) * NUM_TRAIN // 4 : ((q + 1) % 4 + 1) * NUM_TRAIN // 4])
+        assert ld.epoch == 1 and len(keys) == len(ld) * batch and set(keys) <= part
+
+
+@pytest.mark.parametrize("backend", ["dali", "wds"])
+def test_resume_on_another_world_size_at_an_epoch_end_starts_the_next(
+    digits: dict[str, Path], reference: dict[str, object], backend: str
+) -> None:
+    old = [
+        loader(digits["train"], batch_size=50, train=True, rank=r, world_size=2, backend=backend)
+        for r in (0, 1)
+    ]
+    for ld in old:
+        for _ in ld:
+            pass
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in old]
+    new = loader(digits["train"], batch_size=50, train=True, rank=2, world_size=3, backend=backend)
+    new.load_resharded(states)
+    keys = [k for x, _ in new for k in identify(x, reference)]
+    part = set(reference["keys"][(0 % 3) * NUM_TRAIN // 3 : NUM_TRAIN // 3])  # rank 2, epoch 1: part 0
+    assert new.epoch == 1 and len(keys) == len(new) * 50 and set(keys) <= part

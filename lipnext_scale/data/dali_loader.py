@@ -8,6 +8,12 @@ DALI 2.4 notes that shaped this file:
 - ``reader_name`` + ``pad_last_batch=True`` make the iterator count batches per rank; DROP (train)
   stops every rank after the smallest part's full batches, PARTIAL (eval) trims the padding DALI adds.
 - The checkpoint from ``iterator.checkpoints()`` is a binary protobuf (bytes); it is stored base64.
+- Which samples a batch holds: ``fn.get_property(..., key="source_info")`` gives ``<tar>:<offset>:<member>``
+  per sample, the offset being the first component's in the index file; it maps to the global index.
+- A reader fed an index file that lists only some of a tar's samples reads only those: a remainder
+  epoch (``loader_base``) is an ordinary reader over index files written for this rank's slice.
+- A reader built with ``shard_id=(rank + e) % world_size`` starts at epoch ``e``'s part and moves on
+  from there, so a pipeline rebuilt at an epoch boundary stays on the splitting rule.
 - RRC: ``fn.decoders.image_random_crop`` (decodes only the crop window; CPU and "mixed") + resize.
 - RandAugment: ``nvidia.dali.auto_aug.rand_augment`` works with CPU operators in DALI 2.4 (checked:
   warp_affine, rotate, filter, equalize, reductions all have CPU kernels). It selects ops per sample
@@ -18,8 +24,11 @@ DALI 2.4 notes that shaped this file:
 from __future__ import annotations
 
 import base64
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
@@ -39,15 +48,16 @@ from .loader_base import (
     LoaderConfig,
     labels_from_padded_ascii,
 )
-from .shards import IMAGE_EXT, LABEL_EXT
+from .shards import DALI_INDEX_VERSION, IMAGE_EXT, LABEL_EXT
 
 READER_NAME = "reader"
-_OUTPUTS = ["images", "labels"]
+_OUTPUTS = ["images", "labels", "sources"]
 
 
-def pipeline_seed(seed: int, rank: int) -> int:
-    # Distinct augmentation streams per rank; DALI wants a non-negative seed below 2**31.
-    return (seed * 1_000_003 + rank * 7919 + 1) % (2**31 - 1)
+def pipeline_seed(seed: int, rank: int, base_epoch: int = 0, remainder: bool = False) -> int:
+    # Distinct augmentation streams per rank (and per rebuilt pipeline); DALI wants a non-negative seed
+    # below 2**31. A pipeline built at epoch 0 keeps the seed runs have always had.
+    return (seed * 1_000_003 + rank * 7919 + 1 + base_epoch * 104_729 + remainder * 15_485_863) % (2**31 - 1)
 
 
 def _decoder_device(config: LoaderConfig) -> str:
@@ -160,29 +170,44 @@ def _to_normalised_chw(images: Any, config: LoaderConfig) -> Any:
     )
 
 
-def build_dali_pipeline(config: LoaderConfig, checkpoint: bytes | None = None) -> Pipeline:
+def build_dali_pipeline(
+    config: LoaderConfig,
+    checkpoint: bytes | None = None,
+    base_epoch: int = 0,
+    slice_files: tuple[list[str], list[str], int] | None = None,
+) -> Pipeline:
+    """The pipeline of ``config``'s rank from epoch ``base_epoch`` on, or, with ``slice_files`` (tars,
+    their filtered index files, samples), one that reads only a remainder slice."""
     manifest = config.manifest
     device_id = None
     if config.device.type == "cuda":
         device_id = config.device.index if config.device.index is not None else torch.cuda.current_device()
-    smallest_part = manifest.total_samples // config.world_size
+    if slice_files is None:
+        paths, index_paths = manifest.tar_paths, manifest.index_paths
+        shard_id, num_shards = (config.rank + base_epoch) % config.world_size, config.world_size
+        smallest = manifest.total_samples // config.world_size
+    else:
+        paths, index_paths, smallest = slice_files
+        shard_id, num_shards = 0, 1
+    seed = pipeline_seed(config.seed, config.rank, base_epoch, slice_files is not None)
 
     @pipeline_def(enable_conditionals=config.randaugment)
-    def graph() -> tuple[Any, Any]:
+    def graph() -> tuple[Any, Any, Any]:
         jpegs, cls = fn.readers.webdataset(
-            paths=manifest.tar_paths,
-            index_paths=manifest.index_paths,
+            paths=paths,
+            index_paths=index_paths,
             ext=[IMAGE_EXT, LABEL_EXT],
             dtypes=[types.UINT8, types.UINT8],
             missing_component_behavior="error",
-            shard_id=config.rank,
-            num_shards=config.world_size,
+            shard_id=shard_id,
+            num_shards=num_shards,
             random_shuffle=config.train,
-            initial_fill=max(1, min(config.shuffle_buffer, smallest_part)),
-            seed=pipeline_seed(config.seed, config.rank),
+            initial_fill=max(1, min(config.shuffle_buffer, smallest)),
+            seed=seed,
             pad_last_batch=True,
             name=READER_NAME,
         )
+        sources = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
         if config.random_resized_crop:
             images = _random_resized_crops(jpegs, config)
             if config.randaugment:
@@ -191,16 +216,69 @@ def build_dali_pipeline(config: LoaderConfig, checkpoint: bytes | None = None) -
             images = _decoded_square_images(jpegs, config)
         images = _to_normalised_chw(images, config)
         labels = fn.pad(cls, fill_value=0, shape=[LABEL_WIDTH])
-        return images, labels
+        return images, labels, sources
 
     return graph(
         batch_size=config.batch_size,
         num_threads=config.num_threads,
         device_id=device_id,
-        seed=pipeline_seed(config.seed, config.rank),
+        seed=seed,
         enable_checkpointing=True,
         checkpoint=checkpoint,
     )
+
+
+class _SampleIndex:
+    """Global sample index of a DALI ``source_info`` (tar path and first-component offset), from the
+    manifest's index files, each parsed when first needed."""
+
+    def __init__(self, config: LoaderConfig):
+        manifest = config.manifest
+        self._index_paths = manifest.index_paths
+        self._shard_of = {path: i for i, path in enumerate(manifest.tar_paths)}
+        self._starts = np.concatenate([[0], np.cumsum(manifest.shard_sizes)])
+        self._lines: dict[int, list[str]] = {}
+        self._offsets: dict[int, np.ndarray] = {}
+
+    def lines(self, shard: int) -> list[str]:
+        """The index file's per-sample lines of ``shard``."""
+        if shard not in self._lines:
+            self._lines[shard] = Path(self._index_paths[shard]).read_text().splitlines()[1:]
+        return self._lines[shard]
+
+    def _shard_offsets(self, shard: int) -> np.ndarray:
+        if shard not in self._offsets:
+            self._offsets[shard] = np.array([int(line.split()[1]) for line in self.lines(shard)])
+        return self._offsets[shard]
+
+    def global_indices(self, sources: torch.Tensor) -> np.ndarray:
+        out = np.empty(len(sources), dtype=np.int64)
+        for row, raw in enumerate(sources.numpy()):
+            text = raw.tobytes().rstrip(b"\0").decode()
+            path, offset, _member = text.rsplit(":", 2)
+            shard = self._shard_of.get(path)
+            offsets = self._shard_offsets(shard) if shard is not None else np.empty(0, dtype=np.int64)
+            position = int(np.searchsorted(offsets, int(offset)))
+            if position == len(offsets) or offsets[position] != int(offset):
+                raise RuntimeError(f"DALI read a sample the manifest's index files do not list: {text}")
+            out[row] = self._starts[shard] + position
+        return out
+
+    def slice_files(self, indices: np.ndarray, directory: Path) -> tuple[list[str], list[str], int]:
+        """Tars and index files (written in ``directory``) that list exactly the samples ``indices``."""
+        paths, index_paths = [], []
+        bounds = np.searchsorted(indices, self._starts)
+        for shard, tar in enumerate(self._shard_of):
+            lo, hi = bounds[shard], bounds[shard + 1]
+            if hi == lo:
+                continue
+            lines = self.lines(shard)
+            keep = [lines[i - self._starts[shard]] for i in indices[lo:hi]]
+            index_path = directory / f"{shard:06d}.idx"
+            index_path.write_text(f"{DALI_INDEX_VERSION} {len(keep)}\n" + "\n".join(keep) + "\n")
+            paths.append(tar)
+            index_paths.append(str(index_path))
+        return paths, index_paths, len(indices)
 
 
 class DaliLoader(Loader):
@@ -210,23 +288,38 @@ class DaliLoader(Loader):
 
     def __init__(self, config: LoaderConfig):
         super().__init__(config)
-        self._iterator = self._make_iterator(checkpoint=None)
+        self._samples = _SampleIndex(config)
+        self._slice_dir: tempfile.TemporaryDirectory | None = None
+        self._base_epoch = 0  # the epoch the ordinary pipeline was built at
+        self._pipeline_epoch: int | None = 0  # the epoch the iterator is positioned in (None: none built)
+        self._pipeline_reads_remainder = False
+        self._iterator: DALIGenericIterator | None = self._make_iterator(checkpoint=None)
 
     def _make_iterator(self, checkpoint: bytes | None) -> DALIGenericIterator:
+        slice_files = None
+        if self._remainder is not None:
+            self._slice_dir = tempfile.TemporaryDirectory(prefix="lipnext-remainder-")
+            slice_files = self._samples.slice_files(self._remainder, Path(self._slice_dir.name))
         policy = LastBatchPolicy.DROP if self.config.train else LastBatchPolicy.PARTIAL
         iterator = DALIGenericIterator(
-            [build_dali_pipeline(self.config, checkpoint)],
+            [build_dali_pipeline(self.config, checkpoint, self._base_epoch, slice_files)],
             _OUTPUTS,
             reader_name=READER_NAME,
             last_batch_policy=policy,
             auto_reset=False,
         )
-        if len(iterator) != len(self):
+        if len(iterator) != self._epoch_batches:
             # Our batch count must be DALI's, or ranks would disagree with what the reader delivers.
-            raise RuntimeError(f"DALI iterator has {len(iterator)} batches per epoch, expected {len(self)}")
+            raise RuntimeError(
+                f"DALI iterator has {len(iterator)} batches per epoch, expected {self._epoch_batches}"
+            )
+        self._pipeline_epoch = self._epoch
+        self._pipeline_reads_remainder = slice_files is not None
         return iterator
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iterator is None:
+            raise RuntimeError(f"{self._describe_batch()}: no DALI pipeline for this epoch")
         try:
             out = next(self._iterator)[0]
         except RuntimeError as exc:
@@ -241,16 +334,43 @@ class DaliLoader(Loader):
         labels = labels_from_padded_ascii(
             out["labels"].cpu(), self.config.manifest.num_classes, self._describe_batch()
         )
+        self._mark_yielded(self._samples.global_indices(out["sources"].cpu()))
         device = self.config.device
         return out["images"].to(device), labels.to(device, non_blocking=True)
 
     def _begin_next_epoch(self) -> None:
-        self._iterator.reset()
+        ordinary = self._iterator is not None and not self._pipeline_reads_remainder
+        if ordinary and self._pipeline_epoch == self._epoch - 1:
+            self._iterator.reset()
+            self._pipeline_epoch = self._epoch
+            return
+        # After a remainder epoch, or a resharded resume at an epoch's end: an ordinary pipeline from here.
+        self._drop_iterator()
+        self._base_epoch = self._epoch
+        self._iterator = self._make_iterator(checkpoint=None)
+
+    def _drop_iterator(self) -> None:
+        self._iterator = None
+        if self._slice_dir is not None:
+            self._slice_dir.cleanup()
+            self._slice_dir = None
 
     def _backend_state(self) -> dict[str, Any]:
+        if self._iterator is None:
+            return {"dali_checkpoint": None, "base_epoch": self._base_epoch}
         (checkpoint,) = self._iterator.checkpoints()
-        return {"dali_checkpoint": base64.b64encode(checkpoint).decode("ascii")}
+        encoded = base64.b64encode(checkpoint).decode("ascii")
+        return {"dali_checkpoint": encoded, "base_epoch": self._base_epoch}
 
-    def _restore_backend_state(self, state: dict[str, Any], epoch: int, position: int) -> None:
-        checkpoint = base64.b64decode(state["dali_checkpoint"])
-        self._iterator = self._make_iterator(checkpoint=checkpoint)
+    def _restore_backend_state(self, state: dict[str, Any] | None) -> None:
+        self._drop_iterator()
+        if state is None:  # resharded: a remainder epoch from its start, or the next epoch (built then)
+            self._pipeline_epoch = None
+            if self._remainder is not None and self._epoch_batches > 0:
+                self._iterator = self._make_iterator(checkpoint=None)
+            return
+        self._base_epoch = int(state["base_epoch"])
+        if state["dali_checkpoint"] is None:
+            self._pipeline_epoch = None
+            return
+        self._iterator = self._make_iterator(checkpoint=base64.b64decode(state["dali_checkpoint"]))

@@ -6,18 +6,27 @@ webdataset backend): the samples of all shards, concatenated in manifest order, 
 part ``(r + epoch) % W`` in a given epoch (DALI moves every reader to the next part after each epoch,
 ``stick_to_shard=False``), so parts are disjoint, their union is the split, and over ``W`` epochs every
 rank sees every sample.
+
+Resuming on another number of ranks (``load_resharded``) keeps the position sample-exact: every rank's
+state records which samples of the epoch it has yielded, and the new ranks finish that epoch on what no
+old rank yielded (a *remainder epoch*: the unread samples in ascending order, cut into equal contiguous
+slices, one per new rank; the fewer than ``world_size`` left over and the last partial batch are dropped,
+as every training epoch drops its partial batch). The next epoch is an ordinary one at the new size.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import os
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .shards import Manifest
@@ -42,7 +51,7 @@ RANDAUGMENT_M = 9
 RANDAUGMENT_BINS = 31
 RANDAUGMENT_FILL = 128  # grey fill for the geometric ops (DALI's default)
 DEFAULT_SHUFFLE_BUFFER = 1024
-STATE_FORMAT = "lipnext_scale.loader_state/v1"
+STATE_FORMAT = "lipnext_scale.loader_state/v2"
 # .cls files hold an ASCII decimal label, optionally followed by whitespace. DALI must batch them, so
 # they are zero-padded to this width in the pipeline; 18 digits still fit an int64 after parsing.
 LABEL_WIDTH = 24
@@ -158,13 +167,27 @@ def _manifest_digest(manifest: Manifest) -> str:
     return digest.hexdigest()[:16]
 
 
+def _pack(mask: np.ndarray) -> str:
+    """A boolean mask as compressed base64 text: loader states stay JSON (a few KiB per rank)."""
+    return base64.b64encode(zlib.compress(np.packbits(mask).tobytes())).decode("ascii")
+
+
+def _unpack(text: str, total: int) -> np.ndarray:
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    return np.unpackbits(bits, count=total).astype(bool)
+
+
+# Fingerprint entries that may differ when a state is resumed on another number of ranks.
+_PER_RANK = ("rank", "world_size")
+
+
 class Loader(ABC):
     """An epoch-based, resumable stream of ``(images [B,3,H,W] float32 in [0,1], labels [B] int64)``.
 
     Iterating yields the remaining batches of the current epoch; once an epoch has been fully yielded,
     the next ``iter()`` starts the next epoch (a fresh shuffle in training). Breaking out of a loop
     mid-epoch and iterating again continues where it stopped. ``len()`` is the number of batches per
-    epoch and is identical on every rank.
+    epoch and is identical on every rank; ``batches_in_epoch`` differs from it only in a remainder epoch.
     """
 
     backend: ClassVar[str]
@@ -188,6 +211,10 @@ class Loader(ABC):
             )
         self._epoch = 0
         self._position = 0  # batches of the current epoch already yielded
+        self._epoch_batches = self._num_batches
+        # Ascending global indices this rank reads in a remainder epoch; None in an ordinary epoch.
+        self._remainder: np.ndarray | None = None
+        self._yielded = np.zeros(manifest.total_samples, dtype=bool)  # this epoch's, by global index
 
     def __len__(self) -> int:
         return self._num_batches
@@ -202,15 +229,43 @@ class Loader(ABC):
         """Batches of the current epoch already yielded."""
         return self._position
 
+    @property
+    def batches_in_epoch(self) -> int:
+        """Batches of the current epoch: ``len()``, or fewer in a remainder epoch (see the module doc)."""
+        return self._epoch_batches
+
+    @property
+    def epoch_complete(self) -> bool:
+        return self._position >= self._epoch_batches
+
+    def epoch_indices(self) -> np.ndarray:
+        """Ascending global indices of the samples this rank reads in the current epoch."""
+        if self._remainder is not None:
+            return self._remainder
+        c = self.config
+        start, end = part_bounds(
+            c.manifest.total_samples, part_for_epoch(c.rank, self._epoch, c.world_size), c.world_size
+        )
+        return np.arange(start, end)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._position >= self._num_batches:
-            self._begin_next_epoch()
+        if self.epoch_complete:
             self._epoch += 1
             self._position = 0
-        while self._position < self._num_batches:
+            self._epoch_batches = self._num_batches
+            self._remainder = None
+            self._yielded[:] = False
+            self._begin_next_epoch()
+        while self._position < self._epoch_batches:
             images, labels = self._next_batch()
             self._position += 1
             yield images, labels
+
+    def _mark_yielded(self, indices: np.ndarray) -> None:
+        """Record the global indices of a batch about to be yielded (backends call this per batch)."""
+        if self.config.train and self._yielded[indices].any():
+            raise RuntimeError(f"{self._describe_batch()}: a sample was read twice in one epoch")
+        self._yielded[indices] = True
 
     def _describe_batch(self) -> str:
         c = self.config
@@ -234,41 +289,102 @@ class Loader(ABC):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable (str/int only) state; restoring it yields the identical next batches."""
+        """JSON-serialisable state; restoring it yields the identical next batches, and the states of all
+        ranks together say which samples of the epoch are still unread (for ``load_resharded``)."""
+        remainder = None
+        if self._remainder is not None:
+            mask = np.zeros_like(self._yielded)
+            mask[self._remainder] = True
+            remainder = _pack(mask)
         return {
             "format": STATE_FORMAT,
             "config": self._fingerprint(),
             "epoch": self._epoch,
             "position": self._position,
+            "epoch_batches": self._epoch_batches,
+            "yielded": _pack(self._yielded),
+            "remainder": remainder,
             "backend_state": self._backend_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _check_state(self, state: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a loader state (expected format {STATE_FORMAT!r})")
+            raise ValueError(
+                f"not a loader state of this version (expected format {STATE_FORMAT!r}, found "
+                f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})"
+            )
         saved, mine = state["config"], self._fingerprint()
         mismatched = [
-            f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k) != v
+            f"{k}: saved {saved.get(k)!r}, here {v!r}"
+            for k, v in mine.items()
+            if k not in ignore and saved.get(k) != v
         ]
         if mismatched:
             raise ValueError(
                 "loader state does not match this loader, so the stream cannot be resumed exactly: "
                 + "; ".join(mismatched)
             )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if not 0 <= position <= self._num_batches:
-            raise ValueError(f"loader state position {position} outside 0..{self._num_batches}")
-        self._restore_backend_state(state["backend_state"], epoch, position)
-        self._epoch, self._position = epoch, position
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume this rank's own stream (same number of ranks) exactly."""
+        self._check_state(state)
+        total = self.config.manifest.total_samples
+        epoch, position, batches = int(state["epoch"]), int(state["position"]), int(state["epoch_batches"])
+        remainder = None if state["remainder"] is None else np.flatnonzero(_unpack(state["remainder"], total))
+        expected = self._num_batches if remainder is None else self._remainder_batches(len(remainder))
+        if batches != expected or not 0 <= position <= batches:
+            raise ValueError(f"loader state: position {position} of {batches} batches; expected {expected}")
+        self._epoch, self._position, self._epoch_batches = epoch, position, batches
+        self._remainder, self._yielded = remainder, _unpack(state["yielded"], total)
+        self._restore_backend_state(state["backend_state"])
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Continue the epoch of ``states`` (every old rank's, in rank order, any number of ranks) on this
+        rank: a remainder epoch over the samples no old rank yielded (see the module doc)."""
+        if not self.config.train:
+            raise ValueError("only a training stream resumes mid-epoch")
+        for state in states:
+            self._check_state(state, ignore=_PER_RANK)
+        c, total = self.config, self.config.manifest.total_samples
+        old_world = len(states)
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1 or any(int(s["config"]["world_size"]) != old_world for s in states):
+            raise ValueError(f"loader states of {old_world} ranks disagree on the epoch or the world size")
+        (epoch,) = epochs
+        self._epoch, self._position, self._yielded = epoch, 0, np.zeros(total, dtype=bool)
+        if all(int(s["position"]) >= int(s["epoch_batches"]) for s in states):  # the epoch had ended
+            self._remainder, self._epoch_batches = None, self._num_batches
+            self._position = self._num_batches
+        else:
+            unread = np.zeros(total, dtype=bool)
+            for old_rank, state in enumerate(states):
+                if state["remainder"] is None:
+                    start, end = part_bounds(total, part_for_epoch(old_rank, epoch, old_world), old_world)
+                    assigned = np.zeros(total, dtype=bool)
+                    assigned[start:end] = True
+                else:
+                    assigned = _unpack(state["remainder"], total)
+                unread |= assigned & ~_unpack(state["yielded"], total)
+            remaining = np.flatnonzero(unread)
+            share = len(remaining) // c.world_size
+            self._remainder = remaining[c.rank * share : (c.rank + 1) * share]
+            self._epoch_batches = self._remainder_batches(share)
+        self._restore_backend_state(None)
+
+    def _remainder_batches(self, share: int) -> int:
+        return share // self.config.batch_size
 
     @abstractmethod
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     @abstractmethod
-    def _begin_next_epoch(self) -> None: ...
+    def _begin_next_epoch(self) -> None:
+        """Called once the base class has moved to the next (ordinary) epoch."""
 
     @abstractmethod
     def _backend_state(self) -> dict[str, Any]: ...
 
     @abstractmethod
-    def _restore_backend_state(self, state: dict[str, Any], epoch: int, position: int) -> None: ...
+    def _restore_backend_state(self, state: dict[str, Any] | None) -> None:
+        """Reposition at the (already restored) epoch and position; ``state`` is None after
+        ``load_resharded`` (the remainder epoch, or the end of an epoch, starts afresh)."""

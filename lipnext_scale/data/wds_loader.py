@@ -3,8 +3,9 @@
 It reads exactly DALI's part of the data on every rank and epoch (see ``loader_base``) and yields the
 same number of batches. Evaluation order is identical to DALI's (sequential); training order is not,
 because the shuffle buffer and augmentation random streams are our own — the *set* of samples each
-rank reads per epoch is the same. Everything random derives from ``(seed, rank, epoch, position)``,
-so resuming replays the epoch's stream without decoding the skipped images. RRC and RandAugment are
+rank reads per epoch is the same. Everything random derives from ``(seed, rank, epoch, position)``
+(and, in a remainder epoch, the slice read), so resuming replays the epoch's stream without decoding the
+skipped images. RRC and RandAugment are
 PIL re-implementations of DALI's definitions (``pil_augment``): same distribution, other random draws.
 The tars are opened with ``open()`` and read as streams; member names are never used as paths.
 """
@@ -30,27 +31,34 @@ from .loader_base import (
     RANDAUGMENT_N,
     Loader,
     LoaderConfig,
-    part_bounds,
-    part_for_epoch,
 )
 from .pil_augment import rand_augment, random_resized_crop
 from .shards import IMAGE_EXT, LABEL_EXT
 
-RawSample = tuple[str, bytes, bytes]  # key, jpeg bytes, cls bytes
+RawSample = tuple[int, str, bytes, bytes]  # global index, key, jpeg bytes, cls bytes
 
 
-def _read_range(config: LoaderConfig, start: int, end: int) -> Iterator[RawSample]:
-    """Samples ``[start, end)`` of the concatenated shards, reading only the tars that overlap."""
+def _read_indices(config: LoaderConfig, wanted: np.ndarray) -> Iterator[RawSample]:
+    """The samples at the ascending global indices ``wanted`` of the concatenated shards, in that order,
+    reading only the tars they fall in (an epoch's part is one contiguous run of them)."""
+    if len(wanted) == 0:
+        return
     manifest = config.manifest
     shard_start = 0
     for tar_path, shard in zip(manifest.tar_paths, manifest.shards, strict=True):
         shard_end = shard_start + shard.num_samples
-        if shard_end > start and shard_start < end:
-            yield from _read_shard_slice(tar_path, shard.num_samples, start - shard_start, end - shard_start)
+        lo, hi = np.searchsorted(wanted, [shard_start, shard_end])
+        if hi > lo:
+            local = set((wanted[lo:hi] - shard_start).tolist())
+            last = int(wanted[hi - 1]) - shard_start
+            for index, key, jpeg, cls in _read_shard(tar_path, shard.num_samples, last):
+                if index in local:
+                    yield shard_start + index, key, jpeg, cls
         shard_start = shard_end
 
 
-def _read_shard_slice(tar_path: str, expected: int, lo: int, hi: int) -> Iterator[RawSample]:
+def _read_shard(tar_path: str, expected: int, last: int) -> Iterator[RawSample]:
+    """(index in the shard, key, jpeg, cls) up to index ``last``; the count is checked when read whole."""
     # We open the file ourselves: webdataset's own opener (gopen) treats names like "pipe:..." as shell
     # commands. Member names only become dictionary keys; nothing is extracted to disk.
     with open(tar_path, "rb") as f:
@@ -60,15 +68,13 @@ def _read_shard_slice(tar_path: str, expected: int, lo: int, hi: int) -> Iterato
         count = 0
         for count, sample in enumerate(stream, start=1):
             index = count - 1
-            if index >= hi:
+            if index > last:
                 return
-            if index < lo:
-                continue
             key = sample["__key__"]
             missing = [ext for ext in (IMAGE_EXT, LABEL_EXT) if ext not in sample]
             if missing:
                 raise ValueError(f"{tar_path}: sample {key!r} has no {missing} member")
-            yield key, sample[IMAGE_EXT], sample[LABEL_EXT]
+            yield index, key, sample[IMAGE_EXT], sample[LABEL_EXT]
     if count != expected:
         raise ValueError(f"{tar_path}: holds {count} samples, the manifest says {expected}")
 
@@ -146,20 +152,17 @@ class WdsLoader(Loader):
         super().__init__(config)
         self._stream: Iterator[tuple[int, RawSample]] | None = None
 
-    def _epoch_samples(self, epoch: int) -> Iterator[RawSample]:
+    def _epoch_samples(self) -> Iterator[RawSample]:
         c = self.config
-        start, end = part_bounds(
-            c.manifest.total_samples, part_for_epoch(c.rank, epoch, c.world_size), c.world_size
-        )
-        samples = _read_range(c, start, end)
+        samples = _read_indices(c, self.epoch_indices())
         if c.train:
-            samples = _buffer_shuffled(
-                samples, c.shuffle_buffer, random.Random(f"shuffle/{c.seed}/{c.rank}/{epoch}")
-            )
+            tag = "" if self._remainder is None else "/remainder"
+            rng = random.Random(f"shuffle/{c.seed}/{c.rank}/{self._epoch}{tag}")
+            samples = _buffer_shuffled(samples, c.shuffle_buffer, rng)
         return samples
 
-    def _open_stream(self, epoch: int, skip_batches: int) -> Iterator[tuple[int, RawSample]]:
-        stream = enumerate(self._epoch_samples(epoch))
+    def _open_stream(self, skip_batches: int) -> Iterator[tuple[int, RawSample]]:
+        stream = enumerate(self._epoch_samples())
         for _ in range(skip_batches * self.config.batch_size):
             next(stream, None)
         return stream
@@ -186,9 +189,10 @@ class WdsLoader(Loader):
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         if self._stream is None:
-            self._stream = self._open_stream(self._epoch, self._position)
-        images, labels = [], []
-        for index, (key, jpeg, cls) in self._stream:
+            self._stream = self._open_stream(self._position)
+        images, labels, indices = [], [], []
+        for index, (global_index, key, jpeg, cls) in self._stream:
+            indices.append(global_index)
             labels.append(_parse_label(cls, key, c.manifest.num_classes))
             images.append(self._augmented(_decode(jpeg, key), index))
             if len(images) == c.batch_size:
@@ -201,6 +205,7 @@ class WdsLoader(Loader):
             else torch.empty(0, 3, c.image_size, c.image_size, dtype=torch.uint8)
         )
         labels = torch.tensor(labels, dtype=torch.int64)
+        self._mark_yielded(np.asarray(indices, dtype=np.int64))
         if torch.device(c.device).type != "cpu":  # pinned: the copies then do not wait for the GPU
             batch, labels = batch.pin_memory(), labels.pin_memory()
         return (
@@ -214,5 +219,5 @@ class WdsLoader(Loader):
     def _backend_state(self) -> dict[str, Any]:
         return {}
 
-    def _restore_backend_state(self, state: dict[str, Any], epoch: int, position: int) -> None:
+    def _restore_backend_state(self, state: dict[str, Any] | None) -> None:
         self._stream = None  # reopened lazily at (epoch, position) by _next_batch
