@@ -333,8 +333,9 @@ class Checkpointer:
         return tag_dir, manifest, notes
 
     def load(self, tag_dir: Path, manifest: dict, states: dict[str, Stateful]) -> list[str]:
-        """Load every state from `tag_dir`; returns the names of per-rank states that were not restored
-        because the world size changed (their per-rank meaning does not carry over)."""
+        """Load every state from `tag_dir`. When the world size changed, a state with `load_resharded`
+        (the data stream) gets every old rank's state, in rank order; returns the names of the per-rank
+        states that were not restored because their per-rank meaning does not carry over (the RNG)."""
         same_world = manifest["world_size"] == self.world_size
         own = tag_dir / rank_file(self.rank if same_world else 0)
         with safe_open(str(own), framework="pt") as f:
@@ -346,6 +347,9 @@ class Checkpointer:
             state = json.loads(meta[name])
             if getattr(obj, "sharded", False):
                 state["tensors"] = self._gather_owned(tag_dir, manifest, name, obj.owned_names())
+            elif not same_world and hasattr(obj, "load_resharded"):
+                obj.load_resharded(self._every_rank_state(tag_dir, manifest, name))
+                continue
             elif not same_world and name != "trainer":  # the trainer's state is the same on every rank
                 skipped.append(name)
                 continue
@@ -356,6 +360,15 @@ class Checkpointer:
                     state["tensors"] = tensors
             obj.load_state_dict(state)
         return skipped
+
+    @staticmethod
+    def _every_rank_state(tag_dir: Path, manifest: dict, name: str) -> list[dict]:
+        """The JSON state `name` of every old rank (such states keep no tensors)."""
+        states = []
+        for file in manifest["files"]:
+            with safe_open(str(tag_dir / file), framework="pt") as f:
+                states.append(json.loads(f.metadata()[name]))
+        return states
 
     @staticmethod
     def _gather_owned(tag_dir: Path, manifest: dict, name: str, wanted: list[str]) -> dict:

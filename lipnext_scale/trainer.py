@@ -183,7 +183,6 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.warmup_steps = int(recipe.optim.warmup_epochs * self.steps_per_epoch)
         self.step = 0
-        self.epoch = 0
         self._saved_step = -1
         # Running sums since the last log step, on the device: loss·n, correct, certified, images. Read on the
         # host only in step_stats (no synchronisation per micro-batch).
@@ -279,7 +278,7 @@ class Trainer:
         self._window_since = now
         stats = {
             "step": self.step,
-            "epoch": self.epoch + 1,
+            "epoch": self.train_loader.epoch + 1,  # the one in progress, counting from 1
             "loss": loss_sum / count,
             "acc": correct / count,
             "train_cert_acc": certified / count,
@@ -434,11 +433,16 @@ class Trainer:
 
     # --- checkpoints ---
 
+    @property
+    def epoch(self) -> int:
+        """Epochs completed: the data stream's count, so that it survives any resume."""
+        return self.train_loader.epoch + int(self.train_loader.epoch_complete)
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch = state["step"], state["epoch"]
+        self.step = state["step"]
 
     def save_checkpoint(self) -> None:
         """Collective. At most one checkpoint per step."""
@@ -486,10 +490,17 @@ class Trainer:
                     + (f"; the schedule is recomputed for {self.total_steps} steps" if schedule else ""),
                     flush=True,
                 )
-            if "data" in skipped:
+            if manifest["world_size"] != self.dist.world_size:
+                loader, old = self.train_loader, manifest["world_size"]
                 print(
-                    f"resuming on {self.dist.world_size} ranks from a {manifest['world_size']}-rank "
-                    "checkpoint: the data stream restarts its epoch (its position is per rank split)",
+                    f"resuming on {self.dist.world_size} ranks from a {old}-rank checkpoint: "
+                    + (
+                        f"the unread samples of epoch {loader.epoch + 1} are split over the new ranks "
+                        f"({loader.batches_in_epoch} batches each, then ordinary epochs); "
+                        if not loader.epoch_complete
+                        else ""
+                    )
+                    + f"not carried over: {', '.join(skipped) or 'nothing'}",
                     flush=True,
                 )
         return str(tag_dir)
@@ -523,7 +534,6 @@ class Trainer:
         meter = ThroughputMeter(self.dist.world_size)
         self._last_save_time = time.monotonic()
         while self.step < self.total_steps:
-            epoch_done = True
             for images, labels in meter.timed(self.train_loader):
                 if not self.train_micro_batch(images, labels):
                     continue
@@ -562,13 +572,11 @@ class Trainer:
                         str(self.ckpt_dir / tag_for(self.step)),
                     )
                 if self.step >= self.total_steps:
-                    epoch_done = self.train_loader.position == len(self.train_loader)
                     break
-            if epoch_done:
-                self.epoch += 1
+            if self.train_loader.epoch_complete:
                 done = f"epoch {self.epoch}"
             else:  # max_steps ended inside an epoch
-                share = self.train_loader.position / len(self.train_loader)
+                share = self.train_loader.position / self.train_loader.batches_in_epoch
                 done = f"step {self.step} (epoch {self.epoch + 1}, {share:.0%} done)"
             result = self.evaluate()
             meter.read_and_reset()  # evaluation time is not training throughput

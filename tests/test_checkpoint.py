@@ -149,6 +149,19 @@ def test_ctrl_c_checkpoints_then_resume_continues_the_log_and_refuses_a_changed_
     assert steps == list(range(1, stopped + 3))
 
 
+def test_a_checkpoint_at_an_epoch_end_resumes_with_the_right_epoch_count(tmp_path, digits_root):
+    # 1500 digits in batches of 500: 3 steps an epoch; the first run ends (and saves) at an epoch's end.
+    short = ["data.batch_size=500", "train.epochs=3", "run.checkpoint_every=3"]
+    for max_steps in (3, 6):
+        proc = run_train(tmp_path, digits_root, *short, f"train.max_steps={max_steps}")
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in records if "eval" in r] == [(3, 1), (6, 2)]
+    in_progress = [(r["step"], r["epoch"]) for r in records if "loss" in r]
+    assert in_progress == [(s, 1 + (s > 3)) for s in range(1, 7)]
+
+
 def test_plot_run_draws_each_step_once(tmp_path):
     plot = load_tool("plot_run")
     lines = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 2, 3, 4)]

@@ -666,13 +666,13 @@ def _read_batches(stream, count: int, reference) -> list[str]:
 def test_resume_on_another_world_size_reads_the_unread_samples_once(
     digits: dict[str, Path], reference: dict[str, object], backend: str
 ) -> None:
-    """3 ranks read 7 batches each; then 2 ranks, then 4, finish epoch 0 on exactly what was unread."""
-    batch = 20
+    """3 ranks read 7 batches each; then 2 ranks, then 4, finish epoch 0 on exactly what was unread. The
+    global batch stays 60, so the per-rank batch changes with the number of ranks."""
 
     def make(rank: int, world_size: int):
         return loader(
             digits["train"],
-            batch_size=batch,
+            batch_size=60 // world_size,
             train=True,
             rank=rank,
             world_size=world_size,
@@ -685,13 +685,13 @@ def test_resume_on_another_world_size_reads_the_unread_samples_once(
 
     old = [make(r, 3) for r in range(3)]
     seen = [_read_batches(iter(ld), 7, reference) for ld in old]
-    assert all(ld.batches_in_epoch == NUM_TRAIN // 3 // batch for ld in old)
+    assert all(ld.batches_in_epoch == NUM_TRAIN // 3 // 20 for ld in old)
 
     middle = [make(q, 2) for q in range(2)]
     for ld in middle:
         ld.load_resharded(states_of(old))
-    unread_then = NUM_TRAIN - 3 * 7 * batch
-    assert {ld.batches_in_epoch for ld in middle} == {(unread_then // 2) // batch}
+    unread_then = NUM_TRAIN - 3 * 7 * 20
+    assert {ld.batches_in_epoch for ld in middle} == {(unread_then // 2) // 30}
     seen += [_read_batches(iter(ld), 4, reference) for ld in middle]
 
     # A same-size resume inside the remainder epoch replays it exactly (DALI: the slice is rebuilt).
@@ -710,15 +710,15 @@ def test_resume_on_another_world_size_reads_the_unread_samples_once(
     read = [k for keys in (*seen, *tail) for k in keys] + expected
     assert len(read) == len(set(read)), "a sample was read twice in the epoch"
     # Dropped: each remainder's fewer-than-world-size leftovers and partial batches, nothing else.
-    unread_then = NUM_TRAIN - len(read)
-    assert 0 <= unread_then < (2 + 4) * (batch + 1)
+    dropped = NUM_TRAIN - len(read)
+    assert 0 <= dropped < 2 * (30 + 1) + 4 * (15 + 1)
 
     # The next epoch is an ordinary one at the new size.
     train_keys = reference["keys"][:NUM_TRAIN]
     for q, ld in enumerate(last):
         keys = [k for x, _ in ld for k in identify(x, reference)]
         part = set(train_keys[((q + 1) % 4) * NUM_TRAIN // 4 : ((q + 1) % 4 + 1) * NUM_TRAIN // 4])
-        assert ld.epoch == 1 and len(keys) == len(ld) * batch and set(keys) <= part
+        assert ld.epoch == 1 and len(keys) == len(ld) * 15 and set(keys) <= part
 
 
 @pytest.mark.parametrize("backend", ["dali", "wds"])

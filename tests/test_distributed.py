@@ -245,13 +245,15 @@ def test_resume_on_another_rank_count_reads_each_owned_master(tmp_path, uninterr
     assert "from a 1-rank checkpoint" in resume_on(2, one, two, digits_root, max_steps=16)
     assert_same_weights(two, uninterrupted)
     four = tmp_path / "four"
-    assert "from a 2-rank checkpoint" in resume_on(4, uninterrupted, four, digits_root, max_steps=16)
+    stdout = resume_on(4, uninterrupted, four, digits_root, max_steps=16)
+    assert "from a 2-rank checkpoint: the unread samples of epoch 1 are split over the new ranks" in stdout
     assert_same_weights(four, uninterrupted)
     manifest = json.loads((four / "checkpoints" / "global_step16" / "checkpoint.json").read_text())
     assert manifest["world_size"] == 4 and len(set(manifest["owners"].values())) == 4
     # ... and training goes on from there on 4 ranks exactly as it does from the 1-rank checkpoint of the same
-    # step: same rank count, same masters, Adam moments, Lookahead state and data position, so bit for bit
-    # (as test_same_rank_count_is_bit_identical). A rank that misreads its share of any of them diverges.
+    # step: same rank count, same masters, Adam moments, Lookahead state and data position (the 1-rank run
+    # only re-saved, so both split the same unread samples of the 2-rank epoch), so bit for bit (as
+    # test_same_rank_count_is_bit_identical). A rank that misreads its share of any of them diverges.
     torchrun(4, TRAIN, *train_args(four, digits_root), "train.max_steps=18")
     from_one = tmp_path / "four_from_one"
     assert "from a 1-rank checkpoint" in resume_on(4, one, from_one, digits_root, max_steps=18)

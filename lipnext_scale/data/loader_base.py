@@ -178,7 +178,7 @@ def _unpack(text: str, total: int) -> np.ndarray:
 
 
 # Fingerprint entries that may differ when a state is resumed on another number of ranks.
-_PER_RANK = ("rank", "world_size")
+_PER_RANK = ("rank", "world_size", "batch_size")  # batch_size: the per-rank micro-batch
 
 
 class Loader(ABC):
