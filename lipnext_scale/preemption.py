@@ -56,10 +56,13 @@ class StopRequest:
         # os.write: print() from a signal handler can hit a half-written stdout buffer.
         os.write(2, f"[rank {self.rank} on {socket.gethostname()}] {text}\n".encode())
 
+    def flags(self, checkpoint_due: bool) -> list[float]:
+        """[stop, checkpoint due] of this rank, for all ranks to agree on (summed: any rank raises one)."""
+        return [float(self.received is not None), float(checkpoint_due)]
+
     def agreed(self, checkpoint_due: bool, device: torch.device) -> tuple[bool, bool]:
         """(stop, checkpoint due) as all ranks agree: one all-reduce of two numbers (collective)."""
-        flags = torch.tensor([float(self.received is not None), float(checkpoint_due)], device=device)
-        stop, due = (all_reduce_sum(flags) > 0).tolist()
+        stop, due = (all_reduce_sum(torch.tensor(self.flags(checkpoint_due), device=device)) > 0).tolist()
         return stop, due
 
 

@@ -188,6 +188,7 @@ class Trainer:
         # host only in step_stats (no synchronisation per micro-batch).
         self._window = torch.zeros(len(WINDOW), dtype=torch.float64, device=self.device)
         self.stop = stop or StopRequest(self.dist.rank)
+        self._last_save_time = time.monotonic()
         self.checkpointer = Checkpointer(
             self.ckpt_dir,
             self.dist.rank,
@@ -252,6 +253,7 @@ class Trainer:
             self.optimizer.set_lr_factor(
                 lr_schedule(self.step, self.warmup_steps, self.total_steps, o.min_lr_ratio)
             )
+            self.optimizer.agree_on(self.stop.flags(self._checkpoint_time_due()))
         self.engine.step()
         if not boundary:
             return False
@@ -262,6 +264,11 @@ class Trainer:
                 f"loss or gradient (skipped on every rank). Last good checkpoint: {self._last_checkpoint()}"
             )
         return True
+
+    def _checkpoint_time_due(self) -> bool:
+        """Rank 0's clock decides (the ranks agree on its answer at the step)."""
+        minutes = self.recipe.run.checkpoint_minutes
+        return minutes > 0 and self.is_main and time.monotonic() - self._last_save_time >= 60 * minutes
 
     def step_stats(self, eps: float) -> dict:
         """Global (all-rank) loss and accuracy since the last call, plus optimizer scalars, model FLOP/s and,
@@ -556,12 +563,7 @@ class Trainer:
                     self.optimizer.reorthogonalize_masters()
                     self.optimizer.broadcast_weights()
                 due = bool(run.checkpoint_every) and self.step % run.checkpoint_every == 0
-                timed = (
-                    run.checkpoint_minutes > 0
-                    and self.is_main
-                    and (time.monotonic() - self._last_save_time >= 60 * run.checkpoint_minutes)
-                )
-                stop, timed = self.stop.agreed(timed, self.device)
+                stop, timed = self.optimizer.agreed  # raised before the step, agreed by its all-reduce
                 if due or timed or stop:
                     self.save_checkpoint()
                 if stop:

@@ -66,16 +66,21 @@ def main(out: Path, data_root: str) -> None:
     per_rank = distributed.all_gather(sums)
     seen: list = []
     check_devices(seen)
-    steps = 0
+    steps, agreed = 0, []
     with torch.device("meta"):
         for step in range(6):
+            if step == 4 and trainer.dist.rank == 1:  # a stop signal on one rank before the third step
+                trainer.stop.received = "SIGUSR1"
             done = trainer.train_micro_batch(*rank_slice(trainer, step, images, labels))
             steps += done
+            if done:
+                agreed.append(list(trainer.optimizer.agreed))
         stats = trainer.step_stats(eps=0.1)
         orthogonality = trainer.orthogonality_error()
     result = trainer.evaluate()
     report = {
         "steps": steps,
+        "agreed": agreed,
         "weights_equal_at_start": bool((per_rank == per_rank[0]).all()),
         "loss": stats["loss"],
         "orthogonality_error": orthogonality,

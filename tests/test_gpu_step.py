@@ -235,6 +235,8 @@ def test_every_collective_tensor_lives_on_the_communication_device(tmp_path, dig
     reports = [json.loads((tmp_path / f"device_rank{r}.json").read_text()) for r in range(2)]
     for report in reports:
         assert report["steps"] == 3 and report["weights_equal_at_start"]
+        # [stop, checkpoint due], agreed through the step's own all-reduce: rank 1's signal reaches rank 0.
+        assert report["agreed"] == [[False, False], [False, False], [True, False]]
         assert report["count"] > 0
         assert set(report["collectives"]) >= {"all_reduce@cpu", "reduce_scatter_single@cpu"}
     assert reports[0]["loss"] == reports[1]["loss"]

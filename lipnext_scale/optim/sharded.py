@@ -217,6 +217,8 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         # Non-finite micro-batch losses since the last step, counted on the device: no host sync per
         # micro-batch; the count travels with the gradient norm's all-reduce.
         self._nonfinite_losses = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._flags: list[float] = []  # see agree_on
+        self.agreed: list[bool] = []
         # Payload bytes of reductions (fp32): all, and those issued before the hook that completed the
         # micro-batch's last bucket; of gathers (compute dtype). Read by tools/bench_distributed.py.
         self.comm_bytes = {"reduce": 0, "reduce_before_last_hook": 0, "gather": 0}
@@ -330,14 +332,25 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
             out.append((param, grad.div_(self.world_size).view(param.shape)))
         return out
 
+    def agree_on(self, flags: list[float]) -> None:
+        """Host flags every rank must agree on at the coming step (the trainer's stop signal and checkpoint
+        timer): they are summed over ranks by the step's own all-reduce, and `agreed` says after the step
+        which of them any rank raised. A collective of their own after the step would queue behind the
+        weights' all-gathers, and its host read would hold the next forward until they all ended."""
+        self._flags = [float(f) for f in flags]
+
     def _global_norm_and_finite(self, grads: list[torch.Tensor]) -> tuple[float, bool]:
-        """(global gradient norm, whether the step is finite): one all-reduce of [Σ g², non-finite losses],
-        both formed on the device (float64 per matrix, no copy of the whole shard), one host read per step."""
+        """(global gradient norm, whether the step is finite): one all-reduce of [Σ g², non-finite losses,
+        agreed flags], formed on the device (float64 per matrix, no copy of the whole shard), one host read
+        per step."""
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in grads:
             squares += torch.linalg.vector_norm(g, dtype=torch.float64).square()
-        stats = torch.stack([squares, self._nonfinite_losses]).to(distributed.comm_device())
-        squares, nonfinite = distributed.all_reduce_sum(stats).tolist()
+        flags = torch.tensor(self._flags, dtype=torch.float64, device=self.device)
+        stats = torch.cat([torch.stack([squares, self._nonfinite_losses]), flags])
+        stats = stats.to(distributed.comm_device())
+        squares, nonfinite, *flags = distributed.all_reduce_sum(stats).tolist()
+        self.agreed, self._flags = [f > 0 for f in flags], []
         self._nonfinite_losses.zero_()
         norm = math.sqrt(squares) if math.isfinite(squares) else math.inf
         return norm, math.isfinite(norm) and nonfinite == 0
