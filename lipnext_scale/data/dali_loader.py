@@ -230,21 +230,18 @@ def build_dali_pipeline(
 
 class _SampleIndex:
     """Global sample index of a DALI ``source_info`` (tar path and first-component offset), from the
-    manifest's index files, each parsed when first needed."""
+    manifest's index files, each parsed when first needed (only the offsets are kept: 8 bytes a sample)."""
 
     def __init__(self, config: LoaderConfig):
         manifest = config.manifest
         self._index_paths = manifest.index_paths
         self._shard_of = {path: i for i, path in enumerate(manifest.tar_paths)}
         self._starts = np.concatenate([[0], np.cumsum(manifest.shard_sizes)])
-        self._lines: dict[int, list[str]] = {}
         self._offsets: dict[int, np.ndarray] = {}
 
     def lines(self, shard: int) -> list[str]:
         """The index file's per-sample lines of ``shard``."""
-        if shard not in self._lines:
-            self._lines[shard] = Path(self._index_paths[shard]).read_text().splitlines()[1:]
-        return self._lines[shard]
+        return Path(self._index_paths[shard]).read_text().splitlines()[1:]
 
     def _shard_offsets(self, shard: int) -> np.ndarray:
         if shard not in self._offsets:
