@@ -99,7 +99,9 @@ class SshHosts:
         wrapper = self.bin / "ssh"
         wrapper.write_text(f'#!/bin/sh\nexec {SSH} -F {ssh_config} "$@"\n')
         wrapper.chmod(0o755)
-        (self.home / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in self.deepspeed_env.items()))
+        # One KEY=VALUE a line: DeepSpeed splits every line at '=' (a blank line or comment is an error).
+        lines = "".join(f"{k}={v}\n" for k, v in self.deepspeed_env.items())
+        (self.home / ".deepspeed_env").write_text(lines)
         self.hostfile.write_text("".join(f"{node} slots=1\n" for node in NODES))
 
         log = open(self.root / "sshd.log", "w")
