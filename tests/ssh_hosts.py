@@ -104,16 +104,17 @@ class SshHosts:
         (self.home / ".deepspeed_env").write_text(lines)
         self.hostfile.write_text("".join(f"{node} slots=1\n" for node in NODES))
 
-        log = open(self.root / "sshd.log", "w")
-        self.sshd = subprocess.Popen(
-            [_which("sshd"), "-D", "-e", "-f", str(sshd_config)],  # sshd re-executes itself: absolute path
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        with open(self.root / "sshd.log", "w") as log:
+            self.sshd = subprocess.Popen(
+                [_which("sshd"), "-D", "-e", "-f", str(sshd_config)],  # it re-executes itself: absolute path
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
         deadline = time.time() + 30
         while self.ssh(NODES[-1], "true").returncode != 0:
             if self.sshd.poll() is not None or time.time() > deadline:
                 self.stop()
-                raise RuntimeError(f"sshd did not accept the test's key; see {self.root}/sshd.log")
+                log_tail = (self.root / "sshd.log").read_text()[-2000:]
+                raise RuntimeError(f"sshd did not let root in with the test's key ({self.root}):\n{log_tail}")
             time.sleep(0.2)
         return self
 

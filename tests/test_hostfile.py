@@ -70,21 +70,32 @@ def start_launch(hosts: SshHosts, out: Path, digits_root: Path) -> subprocess.Po
     """`launch.sh --cpu --hostfile` in the background, its output in out/launch.log (a pipe left unread
     would stall the ranks once full)."""
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "launch.log", "a")
     cmd = [str(REPO / "launch.sh"), "--cpu", "--hostfile", str(hosts.hostfile), "--nodes", "2", "--gpus", "1",
            "--port", str(free_port()), *run_args(out, digits_root)]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=hosts.env(base_env()), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    with open(out / "launch.log", "a") as log:
+        return subprocess.Popen(
+            cmd, env=hosts.env(base_env()), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to DeepSpeed's runner (launch.sh execs it), which then kills the remote launchers through
+    pdsh (pkill); SIGKILL to the whole local process group if that does not end it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # SIGTERM to DeepSpeed's runner: it kills the remote launchers through pdsh (pkill) before it exits.
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop(proc)
         raise
 
 
@@ -149,9 +160,7 @@ def test_hostfile_kill9_of_one_rank_ends_within_bound_then_resumes(
         status = finish(proc, timeout=120)
         elapsed = time.monotonic() - start
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+        stop(proc)
     text = (out / "launch.log").read_text()
     print(f"hostfile launch ended {elapsed:.1f} s after kill -9 of rank 1 (node2), exit status {status}")
     assert status != 0 and elapsed < DETECT_BOUND_S, text[-3000:]
