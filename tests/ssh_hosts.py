@@ -126,7 +126,9 @@ class SshHosts:
     def env(self, base: dict[str, str]) -> dict[str, str]:
         """`base` with HOME (for ~/.deepspeed_env) and PATH (for ssh, and the interpreter's deepspeed)."""
         path = os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), base.get("PATH", "")])
-        return {**base, "HOME": str(self.home), "PATH": path}
+        env = {**base, "HOME": str(self.home), "PATH": path}
+        env.pop("DS_ENV_FILE", None)  # another name for .deepspeed_env
+        return env
 
     def stop(self) -> None:
         if self.sshd is not None and self.sshd.poll() is None:
