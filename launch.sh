@@ -49,7 +49,9 @@ Options:
   --launcher NAME     single-node launcher: deepspeed (default) or torchrun. SLURM runs always use
                       srun and hostfile runs always use deepspeed.
   --hostfile FILE     DeepSpeed hostfile: one 'HOST slots=K' per line; '#' comments and blank lines
-                      are ignored. The first host is the rendezvous (--master_addr).
+                      are ignored. The first host is the rendezvous (--master_addr). deepspeed starts
+                      the ranks over ssh (pdsh), in this directory, with the Python that runs deepspeed:
+                      both must exist at the same paths on every host.
   --nodelist LIST     SLURM node list, e.g. 'node[01-02]' (default: \$SLURM_JOB_NODELIST). Giving it
                       selects a SLURM run and passes it on to srun. It is expanded with
                       'scontrol show hostnames' when scontrol is available, otherwise by this script,
@@ -65,8 +67,9 @@ Options:
   --cpu               run on CPUs (gloo): exports DS_ACCELERATOR=cpu to the launched processes and skips
                       the GPU checks; --gpus is then the number of CPU processes per node. Without it,
                       a machine with no GPU visible (no nvidia-smi) is refused. (In a
-                      hostfile run deepspeed does not forward DS_ACCELERATOR to the other hosts; list it
-                      in their ~/.deepspeed_env, or use hosts without GPUs.)
+                      hostfile run deepspeed forwards only some variables to the hosts, DS_ACCELERATOR
+                      not among them: list DS_ACCELERATOR=cpu in ~/.deepspeed_env on the host that runs
+                      this script; hosts without GPUs pick the CPU accelerator by themselves.)
   --dry-run           print the exact commands that would run, one per line and shell-quoted so they
                       can be pasted into a shell, and exit 0 without running anything. Needs no GPU,
                       SLURM or deepspeed (skips the nvidia-smi check and the launcher lookup).

@@ -62,7 +62,8 @@ def _conf(root: Path, ctld_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ensure_hosts() -> None:
+def ensure_hosts() -> None:
+    """node1 and node2 resolve to 127.0.0.1 (a line appended to /etc/hosts once; also tests/ssh_hosts.py)."""
     hosts = Path("/etc/hosts")
     text = hosts.read_text()
     known = {name for line in text.splitlines() if not line.startswith("#") for name in line.split()[1:]}
@@ -86,7 +87,7 @@ class SlurmCluster:
         return proc
 
     def start(self) -> SlurmCluster:
-        _ensure_hosts()
+        ensure_hosts()
         for d in ("state", "spool/node1", "spool/node2", "munge"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(_conf(self.root, self.ctld_port))
