@@ -169,12 +169,12 @@ def initialize(model: torch.nn.Module, optimizer_factory, config: dict):
 
 def comms_summary() -> dict | None:
     """DeepSpeed's comms-logger record of this rank's collectives so far, {op: {message bytes: {"count",
-    …}}}; rank 0 also prints it as a table. None when the logger is off. Collective (it has barriers)."""
+    "total_latency_ms", …}}}, or None when the logger is off. Rank 0 prints the table at `shutdown`."""
     import deepspeed.comm
 
     if not deepspeed.comm.comms_logger.enabled:
         return None
-    return deepspeed.comm.log_summary(return_dict=True)["summary"]
+    return deepspeed.comm.comms_logger.log_all(print_log=False, return_dict=True)["summary"]
 
 
 def write_monitor_events(engine, scalars: dict[str, float], step: int) -> None:
