@@ -329,3 +329,17 @@ def test_recipe_turns_on_deepspeeds_comms_logger_and_wall_clock_breakdown(tmp_pa
     # DeepSpeed's per-step timer line carries the optimizer's waits, once per step (rank 0 only).
     steps = [line for line in out.splitlines() if "| step: " in line and "comm_wait_reduce: " in line]
     assert len(steps) == 2 and all("comm_wait_gather: " in line and "| fwd: " in line for line in steps)
+
+
+def test_shutdown_turns_the_comms_logger_off_for_the_next_engine_in_the_process(tmp_path):
+    # DeepSpeed keeps the logger's switch process-wide, and a config without it does not switch it off.
+    from lipnext_scale import engine
+
+    engine.setup_distributed()
+    try:
+        config = engine.deepspeed_config(2, 2, 1, tmp_path, comms_logger=True)
+        engine.initialize(torch.nn.Linear(4, 4), lambda params: torch.optim.SGD(params, lr=0.1), config)
+        assert engine.comms_summary() is not None
+    finally:
+        engine.shutdown()
+    assert engine.comms_summary() is None
