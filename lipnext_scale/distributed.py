@@ -16,12 +16,13 @@ times them. This module itself imports nothing from DeepSpeed.
 
 `deepspeed.comm` (0.19.8) has every op used here, with `async_op` and torch.distributed's semantics: its
 torch backend calls the same torch.distributed function on the same tensors and returns its work handle.
-Its `timed_op` wrapper costs two flag tests per call while the comms logger is off; while it is on, it
-synchronises the device after *every* collective it wraps (profiled or not) — on GPUs each asynchronous
-reduce-scatter and all-gather then completes before the next kernel is queued, so the logger's latencies are
-true but no communication overlaps compute; on CPUs the synchronisation is a no-op, so an asynchronous op's
-logged latency is only its issue time (counts and sizes stay right). Message sizes are those of the op's
-input tensor: a reduce-scatter logs its whole send buffer (N segments), an all-gather its own segment.
+Its `timed_op` wrapper costs a few Python calls per collective while the comms logger is off (no device
+synchronisation); while it is on, it synchronises the device after *every* collective it wraps (profiled or
+not) — on GPUs each asynchronous reduce-scatter and all-gather then completes before the next kernel is
+queued, so the logger's latencies are true but no communication overlaps compute; on CPUs the
+synchronisation is a no-op, so an asynchronous op's logged latency is only its issue time (counts and sizes
+stay right). Message sizes are those of the op's input tensor: a reduce-scatter logs its whole send buffer
+(N segments), an all-gather its own segment.
 """
 
 from __future__ import annotations

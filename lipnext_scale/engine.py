@@ -117,7 +117,8 @@ def deepspeed_config(
     """The engine's configuration. `comms_logger`: DeepSpeed's comms logger counts, sizes and times every
     collective (printed by rank 0 at `shutdown`); it synchronises the device after each one, so nothing
     overlaps while it is on. `wall_clock_breakdown`: DeepSpeed's timers of forward, backward and step, plus
-    the optimizer's waits for communication (`initialize`), printed by rank 0 after every step."""
+    the optimizer's waits for communication (`initialize`), printed by rank 0 after every micro-batch and
+    step."""
     if global_batch % (micro_batch * world_size):
         raise ConfigError(
             f"data.batch_size = {global_batch} is not a multiple of train.micro_batch_size ({micro_batch}) "

@@ -290,9 +290,10 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         return bucket.numel * 4
 
     def _wait(self, work, timer: str) -> None:
-        # Host time blocked on communication (tools/bench_distributed.py). On CPUs (gloo) that is the exposed
-        # communication time; on GPUs wait() only orders streams, so it stays near zero there — DeepSpeed's
-        # timers (CUDA events around the wait) measure the compute stream's stall instead.
+        # Host time blocked on communication (tools/bench_distributed.py). On CPUs (gloo) it exceeds the
+        # exposed communication time when ranks share cores (a blocked rank lends its core to the others); on
+        # GPUs wait() only orders streams, so it stays near zero there — DeepSpeed's timers (CUDA events
+        # around the wait) measure the compute stream's stall instead.
         start = time.perf_counter()
         if self.timers is None:
             work.wait()
