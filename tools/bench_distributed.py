@@ -16,20 +16,20 @@ and sharded optimizer on random images at the recipe's micro-batch (one micro-ba
   before the last 10% of backward: backward runs from the call of `engine.backward` to the last gradient
   hook (host clock), and a reduction counts when it was issued within the first 90% of that span;
 - step time (forward + backward + optimizer step) in three modes measured side by side, interleaved in
-  rounds on one engine: every collective overlapped; every collective waited for as soon as it is issued
-  (synchronous); and no communication at all — the data collectives replaced by local no-ops (a
-  reduce-scatter keeps the rank's own slice of its input) — the compute-only baseline. The *exposed
-  communication time* of a mode is the median over rounds of its step time minus the same round's baseline
-  step time; the share of the synchronous mode's that overlap hides is 1 − exposed(overlapped) /
-  exposed(synchronous). Also the host time blocked in the optimizer's waits per step.
+  rounds on one engine (their order rotating from round to round): every collective overlapped; every
+  collective waited for as soon as it is issued (synchronous); and no communication at all — the data
+  collectives replaced by local no-ops (a reduce-scatter keeps the rank's own slice of its input) — the
+  compute-only baseline. The *exposed communication time* of a mode is the median over rounds of its step
+  time minus the same round's baseline step time; the share of the synchronous mode's that overlap hides
+  is 1 − exposed(overlapped) / exposed(synchronous). Also the host time blocked in the optimizer's waits.
 
 Each round runs every mode for one untimed step and then `--steps` timed steps back to back (so each timed
 forward waits for the previous step's all-gathers, as in training); figures are medians over `--rounds` of
 rank 0's per-step mean. On GPUs the timed span ends with a device synchronisation, which also waits for the
 last step's all-gathers, and the backward span is the host's (the device may lag behind it).
-`--comms-logger` turns on DeepSpeed's comms logger (every collective goes through `deepspeed.comm`) and
-prints its table; on GPUs it synchronises the device after every collective, so the overlap figures are not
-meaningful with it. `--json` writes the raw figures (with the logger's record).
+`--comms-logger` turns on DeepSpeed's comms logger (our collectives go through `deepspeed.comm` in any
+case) and prints its table; on GPUs it synchronises the device after every collective, so the overlap
+figures are not meaningful with it. `--json` writes the raw figures (with the logger's record).
 """
 
 from __future__ import annotations
