@@ -124,7 +124,7 @@ def deepspeed_config(
             f"data.batch_size = {global_batch} is not a multiple of train.micro_batch_size ({micro_batch}) "
             f"× ranks ({world_size}); choose sizes so that batch = micro_batch × ranks × accumulation steps"
         )
-    return {
+    config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": global_batch // (micro_batch * world_size),
@@ -138,9 +138,13 @@ def deepspeed_config(
         # compute; we measure throughput ourselves.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "csv_monitor": {"enabled": True, "output_path": str(monitor_dir), "job_name": "train"},
-        "comms_logger": {"enabled": comms_logger, "prof_all": True, "verbose": False},
         "wall_clock_breakdown": wall_clock_breakdown,
     }
+    if comms_logger:
+        # Only when wanted: DeepSpeed 0.19.8 turns the logger on whenever the key is present, whatever its
+        # "enabled" says (comm/config.py: DeepSpeedCommsConfig).
+        config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
+    return config
 
 
 def initialize(model: torch.nn.Module, optimizer_factory, config: dict):
