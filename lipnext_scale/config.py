@@ -246,6 +246,21 @@ class RunConfig:
             "with an error",
         ),
     )
+    comms_logger: bool = field(
+        default=False,
+        metadata=_help(
+            "DeepSpeed's comms logger: every collective counted, sized and timed, rank 0 prints the table at "
+            "the end; it synchronises the device after each collective, so on GPUs nothing overlaps while on"
+        ),
+    )
+    wall_clock_breakdown: bool = field(
+        default=False,
+        metadata=_help(
+            "DeepSpeed's timers, printed by rank 0 after every micro-batch and step: fwd, bwd, step and the "
+            "optimizer's waits for communication (`comm_wait_reduce`, `comm_wait_gather`); DeepSpeed reads "
+            "them on the host each time (a device sync)"
+        ),
+    )
 
 
 @dataclass

@@ -10,7 +10,19 @@ on a device of their own to catch what the check alone would not.
 
 Values for the log are formed on the device, reduced here in one collective each (sum, or max), and read
 on the host once, at log steps only. `engine.py` keeps what is DeepSpeed's (joining the process group, the
-engine, monitors); this module needs nothing from DeepSpeed.
+engine, monitors) and, once DeepSpeed has joined the group, hands this module `deepspeed.comm`: from then
+on every collective here goes through DeepSpeed's comm layer, so that its comms logger counts, sizes and
+times them. This module itself imports nothing from DeepSpeed.
+
+`deepspeed.comm` (0.19.8) has every op used here, with `async_op` and torch.distributed's semantics: its
+torch backend calls the same torch.distributed function on the same tensors and returns its work handle.
+Its `timed_op` wrapper costs a few Python calls per collective while the comms logger is off (no device
+synchronisation); while it is on, it synchronises the device after *every* collective it wraps (profiled or
+not) — on GPUs each asynchronous reduce-scatter and all-gather then completes before the next kernel is
+queued, so the logger's latencies are true but no communication overlaps compute; on CPUs the
+synchronisation is a no-op, so an asynchronous op's logged latency is only its issue time (counts and sizes
+stay right). Message sizes are those of the op's input tensor: a reduce-scatter logs its whole send buffer
+(N segments), an all-gather its own segment.
 """
 
 from __future__ import annotations
@@ -50,26 +62,29 @@ def _check_device(*tensors: torch.Tensor) -> None:
             )
 
 
-# The module collectives go through: torch.distributed, or — once `engine` has registered it — DeepSpeed's
-# comm layer (`deepspeed.comm`, same signatures), so that its comms logger times and counts them. Only
-# engine.py imports deepspeed; this module receives it.
+# The module collectives go through: DeepSpeed's comm layer (`deepspeed.comm`, torch.distributed's
+# signatures) from the moment engine.setup_distributed has joined the group, torch.distributed before that
+# and in processes that never start DeepSpeed (tests with a plain or fake process group).
 _comm = None
 
 
 def use_collectives(comm) -> None:
-    """Send every collective through `comm` (a module with torch.distributed's signatures: deepspeed.comm),
-    or back through torch.distributed with None."""
+    """Send every collective through `comm` (a module with deepspeed.comm's signatures), or back through
+    torch.distributed with None."""
     global _comm
     _comm = comm
 
 
-def _ops():
+def collectives():
+    """The module collectives go through now: `deepspeed.comm` (or what `use_collectives` installed), else
+    torch.distributed."""
     return _comm if _comm is not None else dist
 
 
 def _flat(new: str, old: str):
     # torch 2.13 renamed the flat-tensor collectives (the old names warn); torch ≤ 2.12 and deepspeed.comm
-    # have only the old ones. Looked up at each call, so that a test can wrap the torch.distributed functions.
+    # have only the old ones. Looked up at each call, so that a test can wrap the functions of
+    # `collectives()`.
     if _comm is not None:
         return getattr(_comm, old)
     return getattr(dist, new, None) or getattr(dist, old)
@@ -81,14 +96,14 @@ def _many() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        _ops().barrier()
+        collectives().barrier()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; returns `values`."""
     if _many():
         _check_device(values)
-        _ops().all_reduce(values, op=dist.ReduceOp.SUM)
+        collectives().all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
@@ -96,7 +111,7 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over ranks, in place; returns `values`."""
     if _many():
         _check_device(values)
-        _ops().all_reduce(values, op=dist.ReduceOp.MAX)
+        collectives().all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 
@@ -118,6 +133,9 @@ def all_gather_objects(obj) -> list:
     if not _many():
         return [obj]
     out = [None] * dist.get_world_size()
+    # Always torch.distributed: deepspeed.comm 0.19.8 has all_gather_object, but with its comms logger on,
+    # the logger's bandwidth formula does not know that op and ends the process (`exit(0)` after "wrong
+    # comm_op specified", utils/comms_logging.py: calc_bw_log).
     dist.all_gather_object(out, obj)
     return out
 
@@ -154,7 +172,7 @@ def reduce_to(values: torch.Tensor, owner: int, async_op: bool = True):
     if not _many():
         return None
     _check_device(values)
-    return _ops().reduce(values, dst=owner, op=dist.ReduceOp.SUM, async_op=async_op)
+    return collectives().reduce(values, dst=owner, op=dist.ReduceOp.SUM, async_op=async_op)
 
 
 def broadcast_from(values: torch.Tensor, owner: int, async_op: bool = True):
@@ -162,4 +180,4 @@ def broadcast_from(values: torch.Tensor, owner: int, async_op: bool = True):
     if not _many():
         return None
     _check_device(values)
-    return _ops().broadcast(values, src=owner, async_op=async_op)
+    return collectives().broadcast(values, src=owner, async_op=async_op)

@@ -1,6 +1,7 @@
 """DeepSpeed, and only here: process groups, the engine, gradient accumulation, monitors (DESIGN.md §3).
 
-Collectives (barrier, sums, maxima, gathers) are in `distributed.py`, which states where their tensors live.
+Collectives (barrier, sums, maxima, gathers) are in `distributed.py`, which states where their tensors live;
+once the process group is joined they go through `deepspeed.comm`, handed over here (`setup_distributed`).
 
 DeepSpeed runs at ZeRO stage 0 as the engine; the sharded manifold optimizer is plugged in as its optimizer.
 Its own ZeRO stages cut flat slices through matrices (no retraction possible), and its bf16 wrapper would
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -87,17 +89,42 @@ def setup_distributed(local_rank_arg: int | None = None, timeout_s: float = 300.
         deepspeed.init_distributed(
             dist_backend="nccl" if use_cuda else "gloo", verbose=False, timeout=timedelta(seconds=timeout_s)
         )
+    import deepspeed.comm
+
+    if not deepspeed.comm.is_initialized():  # torch's group was made by someone else: DeepSpeed wraps it
+        deepspeed.init_distributed(verbose=False)
+    # Every collective of ours through DeepSpeed's comm layer from here on, so that its comms logger sees
+    # them (distributed.py says what that layer does and costs). DeepSpeed 0.19.8 calls the flat-tensor
+    # collectives by the names torch 2.13 deprecated (the same ops); their warnings would be noise to a user.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+    distributed.use_collectives(deepspeed.comm)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def deepspeed_config(global_batch: int, micro_batch: int, world_size: int, monitor_dir: Path) -> dict:
+def deepspeed_config(
+    global_batch: int,
+    micro_batch: int,
+    world_size: int,
+    monitor_dir: Path,
+    comms_logger: bool = False,
+    wall_clock_breakdown: bool = False,
+) -> dict:
+    """The engine's configuration. `comms_logger`: DeepSpeed's comms logger counts, sizes and times every
+    collective (printed by rank 0 at `shutdown`); it synchronises the device after each one, so nothing
+    overlaps while it is on. `wall_clock_breakdown`: DeepSpeed's timers of forward, backward and step, plus
+    the optimizer's waits for communication (`initialize`), printed by rank 0 after every micro-batch and
+    step."""
     if global_batch % (micro_batch * world_size):
         raise ConfigError(
             f"data.batch_size = {global_batch} is not a multiple of train.micro_batch_size ({micro_batch}) "
             f"× ranks ({world_size}); choose sizes so that batch = micro_batch × ranks × accumulation steps"
         )
-    return {
+    config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": global_batch // (micro_batch * world_size),
@@ -111,32 +138,48 @@ def deepspeed_config(global_batch: int, micro_batch: int, world_size: int, monit
         # compute; we measure throughput ourselves.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "csv_monitor": {"enabled": True, "output_path": str(monitor_dir), "job_name": "train"},
+        "wall_clock_breakdown": wall_clock_breakdown,
     }
+    if comms_logger:
+        # Only when wanted: DeepSpeed 0.19.8 turns the logger on whenever the key is present, whatever its
+        # "enabled" says (comm/config.py: DeepSpeedCommsConfig).
+        config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
+    return config
 
 
 def initialize(model: torch.nn.Module, optimizer_factory, config: dict):
     """`deepspeed.initialize` with our optimizer, built after the engine has broadcast rank 0's weights.
 
     The engine's gradient all-reduce is turned off: the optimizer reduce-scatters to owners instead.
+
+    With `wall_clock_breakdown`, DeepSpeed times forward ('fwd'), backward ('bwd'; 'bwd_inner' is autograd,
+    during which our gradient hooks issue the reductions; 'bwd_allreduce' is its own all-reduce, off, ≈ 0)
+    and step ('step': the whole optimizer step — the last reductions landing, the norm's all-reduce, the
+    update, the all-gathers issued). The optimizer adds its waits for communication under the names in
+    `ShardedManifoldOptimizer.WALL_CLOCK_TIMERS` ('comm_wait_reduce': blocked on a reduction, in backward
+    or at the step; 'comm_wait_gather': on updated weights, in forward's module hooks), and DeepSpeed prints
+    them on its per-step line beside its own. On GPUs these are CUDA-event spans on the compute stream — the
+    time it stood still waiting for communication; on CPUs host time.
     """
     import deepspeed
 
-    if config.get("comms_logger", {}).get("enabled"):
-        # Our collectives through DeepSpeed's comm layer, so that its comms logger reports them
-        # (`deepspeed.comm.log_summary()`); otherwise straight to torch.distributed, one layer fewer.
-        import deepspeed.comm
-
-        distributed.use_collectives(deepspeed.comm)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory, config=config)
     engine.enable_backward_allreduce = False
+    if engine.wall_clock_breakdown() and hasattr(optimizer, "WALL_CLOCK_TIMERS"):
+        optimizer.timers = engine.timers
+        # Logged, reset and snapshotted (engine.get_wall_clock_timers()) with DeepSpeed's step timers.
+        engine.engine_timers.global_timers += list(optimizer.WALL_CLOCK_TIMERS)
     return engine, optimizer
 
 
-def comms_summary() -> None:
-    """DeepSpeed's comms-logger table of every collective so far (rank 0 prints it)."""
+def comms_summary() -> dict | None:
+    """DeepSpeed's comms-logger record of this rank's collectives so far, {op: {message bytes: {"count",
+    "total_latency_ms", …}}}, or None when the logger is off. Rank 0 prints the table at `shutdown`."""
     import deepspeed.comm
 
-    deepspeed.comm.log_summary()
+    if not deepspeed.comm.comms_logger.enabled:
+        return None
+    return deepspeed.comm.comms_logger.log_all(print_log=False, return_dict=True)["summary"]
 
 
 def write_monitor_events(engine, scalars: dict[str, float], step: int) -> None:
@@ -145,9 +188,16 @@ def write_monitor_events(engine, scalars: dict[str, float], step: int) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group (all ranks together); rank 0 first prints the comms logger's table if it was
+    on."""
     if dist.is_initialized():
         import deepspeed.comm
 
+        if deepspeed.comm.comms_logger.enabled:
+            deepspeed.comm.log_summary()
+            # The logger is DeepSpeed's process-wide state: a later engine without it must start clean.
+            deepspeed.comm.configure(enabled=False)
+            deepspeed.comm.reset_log()
         # No rank may tear down its end of the process group (rank 0 hosts the rendezvous store) while
         # another still uses it: that aborts the process ("terminate called without an active exception").
         dist.barrier()

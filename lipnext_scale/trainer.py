@@ -130,7 +130,14 @@ class Trainer:
 
         d, t = recipe.data, recipe.train
         micro = t.micro_batch_size or max(1, d.batch_size // self.dist.world_size)
-        config = ds.deepspeed_config(d.batch_size, micro, self.dist.world_size, self.out / "monitor")
+        config = ds.deepspeed_config(
+            d.batch_size,
+            micro,
+            self.dist.world_size,
+            self.out / "monitor",
+            comms_logger=recipe.run.comms_logger,
+            wall_clock_breakdown=recipe.run.wall_clock_breakdown,
+        )
         self.accumulation = config["gradient_accumulation_steps"]
         train_manifest, val_manifest = data_manifests(recipe, self.is_main)
         common = dict(

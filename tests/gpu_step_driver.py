@@ -7,9 +7,10 @@ a device lands on the host; NCCL then rejects it, or an op mixes the two. On the
 these are the same device, so this driver separates them the other way round: the training step,
 step_stats and the orthogonality error run with the *default* device set to `meta`, so a tensor made
 without an explicit device is a meta tensor, while the model and the process group stay on the CPU. And
-every tensor handed to torch.distributed is checked to live on `distributed.comm_device()` before the
-real collective runs. Evaluation reads data (host tensors by design) and runs outside the meta scope, with
-the collective check only. Writes OUT/device_rank<r>.json: the collectives seen, by name and device.
+every tensor handed to a collective is checked to live on `distributed.comm_device()` before the real
+collective runs (checked in the layer `distributed` calls: deepspeed.comm, once the Trainer has started
+DeepSpeed). Evaluation reads data (host tensors by design) and runs outside the meta scope, with the
+collective check only. Writes OUT/device_rank<r>.json: the collectives seen, by name and device.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 # Run by path (torchrun): this folder is sys.path[0], the repository root is not, so import its sibling.
 from dist_driver import build_trainer, digits_tensors, rank_slice
@@ -33,14 +33,16 @@ COLLECTIVES = (
     "all_gather_into_tensor",
     "reduce_scatter_single",
     "reduce_scatter_tensor",
+    "reduce",
     "broadcast",
 )
 
 
 def check_devices(seen: list) -> None:
-    """Wrap torch.distributed's tensor collectives: assert each tensor's device, then run the real one."""
+    """Wrap the tensor collectives `distributed` calls: assert each tensor's device, then run the real one."""
+    layer = distributed.collectives()
     for name in COLLECTIVES:
-        real = getattr(dist, name, None)
+        real = getattr(layer, name, None)
         if real is None:
             continue
 
@@ -53,7 +55,7 @@ def check_devices(seen: list) -> None:
                     seen.append((_name, str(t.device)))
             return _real(*args, **kwargs)
 
-        setattr(dist, name, checked)
+        setattr(layer, name, checked)
 
 
 def main(out: Path, data_root: str) -> None:

@@ -306,3 +306,44 @@ def test_imagenet_recipe_runs_at_tiny_width_on_two_ranks(tmp_path, digits_root, 
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["num_samples"] == 297 and result["orthogonality_error"] < 1e-5
     assert 1.0 <= result["lipschitz_bound"] < 1.001
+
+
+# --- DeepSpeed's comms logger and wall-clock breakdown, switched on by the recipe ---
+
+
+def test_recipe_turns_on_deepspeeds_comms_logger_and_wall_clock_breakdown(tmp_path, digits_root):
+    out = torchrun(
+        2,
+        TRAIN,
+        QUICKSTART,
+        f"run.output_dir={tmp_path}",
+        f"data.root={digits_root}",
+        "train.max_steps=2",
+        "run.comms_logger=true",
+        "run.wall_clock_breakdown=true",
+    ).stdout
+    # Rank 0's comms-logger table at the end lists the optimizer's collectives (exact bytes:
+    # tests/test_overlap.py); one row per operation name, then one per message size.
+    table = out[out.index("Comm. Op") :].split()
+    assert {"reduce_scatter_tensor", "all_gather_into_tensor", "reduce", "broadcast", "all_reduce"} <= set(
+        table
+    )
+    # DeepSpeed's per-step timer line carries the optimizer's waits, once per step (rank 0 only).
+    steps = [line for line in out.splitlines() if "| step: " in line and "comm_wait_reduce: " in line]
+    assert len(steps) == 2 and all("comm_wait_gather: " in line and "| fwd: " in line for line in steps)
+
+
+@pytest.mark.parametrize("order", [(False, True, False), (True, False)])
+def test_the_comms_logger_is_on_exactly_when_asked_also_after_another_engine(tmp_path, order):
+    # DeepSpeed 0.19.8 keeps the logger's switch process-wide, turns it on whenever its config key is present,
+    # and never turns it off by itself.
+    from lipnext_scale import engine
+
+    for comms_logger in order:
+        engine.setup_distributed()
+        try:
+            config = engine.deepspeed_config(2, 2, 1, tmp_path, comms_logger=comms_logger)
+            engine.initialize(torch.nn.Linear(4, 4), lambda params: torch.optim.SGD(params, lr=0.1), config)
+            assert (engine.comms_summary() is not None) == comms_logger
+        finally:
+            engine.shutdown()

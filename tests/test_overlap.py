@@ -7,6 +7,7 @@ count and compares the overlapped collectives with synchronous ones, step for st
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from lipnext_scale.optim.sharded import (
     plan_buckets,
 )
 from lipnext_scale.pretrained import build_model
-from tests.conftest import REPO
+from tests.conftest import QUICKSTART, REPO, load_tool
 from tests.test_distributed import DRIVER, torchrun
 
 
@@ -88,3 +89,40 @@ def test_overlapped_collectives_are_bit_identical_to_synchronous_ones(tmp_path, 
     share = sent["reduce_before_last_hook"] / sent["reduce"]
     assert share == pytest.approx(issued_before_last_hook(named_sizes("quickstart.yaml"), nproc), abs=1e-12)
     assert share >= 0.9
+
+
+# --- through DeepSpeed's comm layer ---
+
+
+def test_deepspeed_comms_logger_records_every_collective_of_the_optimizer_with_its_bytes():
+    """tools/bench_distributed.py at 2 ranks with DeepSpeed's comms logger on: every reduce-scatter,
+    all-gather and reduce the optimizer issues appears in the logger's record with its payload, as many
+    times as it ran — so this fails if `distributed` bypasses deepspeed.comm for any of them."""
+    rounds, steps = 1, 1
+    [result] = [load_tool("bench_distributed").launch(2, str(QUICKSTART), [], steps, True, rounds)]
+    logged = {
+        op: Counter({int(size): record["count"] for size, record in sizes.items()})
+        for op, sizes in result["comms_logger"].items()
+    }
+    runs = rounds * 2 * (1 + steps)  # overlapped and synchronous blocks go through the real layer
+    element = result["element_bytes"]
+    expected = {
+        op: Counter() for op in ("reduce_scatter_tensor", "all_gather_into_tensor", "reduce", "broadcast")
+    }
+    for b in result["buckets"]:
+        if b["kind"] == "reduce":  # to the owner, then broadcast from it; payload the whole parameter
+            expected["reduce"][4 * b["numel"]] += runs
+            expected["broadcast"][element * b["numel"]] += runs
+        else:  # a reduce-scatter logs its whole send buffer, an all-gather this rank's segment
+            expected["reduce_scatter_tensor"][4 * b["numel"]] += runs
+            expected["all_gather_into_tensor"][element * b["segment"]] += runs
+    assert {b["kind"] for b in result["buckets"]} == {"scatter", "reduce", "tail"}
+    for op in ("reduce_scatter_tensor", "all_gather_into_tensor", "reduce"):
+        assert logged.get(op) == expected[op], op
+    # DeepSpeed broadcasts rank 0's weights once at start through the same layer: at least ours.
+    assert not expected["broadcast"] - logged["broadcast"]
+    # The bench's byte count (the optimizer's) is the logger's: reduction bytes per step.
+    per_step = sum(
+        size * count for op in ("reduce_scatter_tensor", "reduce") for size, count in logged[op].items()
+    )
+    assert per_step / runs == result["overlapped"]["reduce"] == result["synchronous"]["reduce"]

@@ -185,6 +185,10 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
     process group. Gradients never stay in `param.grad`: a hook moves each into its bucket as soon as
     autograd has produced it, and only the owner keeps the reduced sum (fp32, across micro-batches)."""
 
+    # Timed with DeepSpeed's wall-clock timers when `timers` is set (engine.initialize does, under
+    # `run.wall_clock_breakdown`): waits for reductions, and for gathered weights.
+    WALL_CLOCK_TIMERS = ("comm_wait_reduce", "comm_wait_gather")
+
     def __init__(
         self,
         named_params: list[tuple[str, torch.nn.Parameter, str]],
@@ -223,6 +227,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         # micro-batch's last bucket; of gathers (compute dtype). Read by tools/bench_distributed.py.
         self.comm_bytes = {"reduce": 0, "reduce_before_last_hook": 0, "gather": 0}
         self.wait_seconds = 0.0
+        self.timers = None  # DeepSpeed's SynchronizedWallClockTimer, or None: the waits are not timed
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._global_grad_norm = 0.0
@@ -286,17 +291,24 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
             self._land_oldest()
         return bucket.numel * 4
 
-    def _wait(self, work) -> None:
-        # Host time blocked on communication (tools/bench_distributed.py). On CPUs (gloo) that is the exposed
-        # communication time; on GPUs wait() only orders streams, so it stays near zero there.
+    def _wait(self, work, timer: str) -> None:
+        # Host time blocked on communication (tools/bench_distributed.py). On CPUs (gloo) it exceeds the
+        # exposed communication time when ranks share cores (a blocked rank lends its core to the others); on
+        # GPUs wait() only orders streams, so it stays near zero there — DeepSpeed's timers (CUDA events
+        # around the wait) measure the compute stream's stall instead.
         start = time.perf_counter()
-        work.wait()
+        if self.timers is None:
+            work.wait()
+        else:
+            self.timers(timer).start()
+            work.wait()
+            self.timers(timer).stop()
         self.wait_seconds += time.perf_counter() - start
 
     def _land_oldest(self) -> None:
         work, index, _send, out = self._in_flight.popleft()
         if work is not None:
-            self._wait(work)
+            self._wait(work, "comm_wait_reduce")
         bucket = self.buckets[index]
         base = 0 if bucket.kind == "reduce" or self.world_size == 1 else self.rank * bucket.segment
         for name, owner, offset, size in zip(bucket.names, bucket.owners, bucket.offsets, bucket.sizes):
@@ -440,7 +452,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
             if self.overlap and self._hooked_modules:
                 self._gathers[index] = work
             else:
-                self._wait(work)
+                self._wait(work, "comm_wait_gather")
 
     def reorthogonalize_masters(self) -> None:
         self.wait_weights()  # a master may alias a weight that a pending gather is still writing
@@ -455,7 +467,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         for index in list(self._gathers) if indices is None else indices:
             work = self._gathers.pop(index, None)
             if work is not None:
-                self._wait(work)
+                self._wait(work, "comm_wait_gather")
 
     def wait_before_forward(self, model: torch.nn.Module) -> None:
         """A forward pre-hook on every module holding parameters waits for just those parameters' buckets,
