@@ -362,7 +362,7 @@ def dry_run(
             optimizer.step_count = _worst_step(recipe) - 1  # so that it syncs Lookahead, re-orthogonalises
             optimizer.step()
 
-        def evaluation(_: MemTracker) -> None:
+        def evaluation(tracker: MemTracker) -> None:
             # As `Trainer.evaluate`, with one chunk of the planned size: the fp32 masters streamed block by
             # block from their owners (fp32 mode; sound mode gathers them all), the chunk's batches passed
             # through each block in turn, each block's P̂ bounded; the weights' bounds split across ranks.
@@ -374,6 +374,9 @@ def dry_run(
                 return images, torch.randint(0, m.num_classes, (batch,))
 
             _Evaluation()(recipe, live["optimizer"], _Batches(chunk, make), chunk)
+            # The fp32 weights this rank owns were fetched as its masters themselves, which MemTracker then
+            # re-filed as parameters of the evaluation's model: filed back as optimizer state.
+            tracker.track_external(live["optimizer"])
 
         run_phase("start-up", start_up)
         run_phase("micro-batch", micro_batch_step)

@@ -94,6 +94,10 @@ CHECKPOINT_OPTIONS = (0, 1, 2, 4)
 # FLOPs a block) are a negligible share of its forward (4·N·W² a batch, N = batch·tokens ≫ W), so more
 # memory would buy nothing.
 MAX_CHUNK_BATCHES = 64
+# The share of the training phases' bytes above weights and optimizer state that the streamed evaluation's
+# chunk may fill. Below 1 so that evaluation does not set the run's peak: the plan of the backward is an upper
+# bound (its working set is the top of the measured range), about 5% above what the dry run measures.
+EVALUATION_SHARE = 0.9
 
 
 def planned_dtype(recipe: Recipe) -> torch.dtype:
@@ -297,8 +301,10 @@ def evaluation_plan(
             (k - 1) * nw + stem,  # embedding the chunk's last batch (its images dropped once centred)
             streamed + (k - 1) * nw + alive * nw,  # one batch through a block, the others waiting
             streamed + k * nw + bound,  # bounding P̂ with the chunk's activations held
+            # the head: every batch's logits, one batch's normalised head rows and its radii in float64
+            k * nw + k * batch * c * 4 + c * width * 4 + 2 * batch * c * 8,
         )
-        return resident + chunk + k * 2 * batch * c * 4  # + the chunk's logits and one batch's radii
+        return resident + chunk + k * batch * 8 + 256  # + the chunk's labels (int64) and the counts
 
     k = chunk_batches or 1
     while chunk_batches is None and budget is not None and k < MAX_CHUNK_BATCHES and extra(k + 1) <= budget:
@@ -418,7 +424,8 @@ def plan(
     act = activation_plan(recipe.model, recipe.train.loss, micro, b, chosen)
     peak = peak_bytes(params, act, between)
     static = params["weights"] + max(params["optimizer_per_rank"])
-    evaluation = evaluation_plan(recipe.model, batch, params, mode, budget=peak - static - pending)
+    budget = int(EVALUATION_SHARE * (peak - static)) - pending
+    evaluation = evaluation_plan(recipe.model, batch, params, mode, budget=budget)
     init = startup_peak(params, b)
     return {
         "size": recipe.model.size,
