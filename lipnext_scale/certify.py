@@ -21,6 +21,10 @@ Two modes (`MODES`):
   rounding error over the whole certified ball. The certificate holds for the float64 classifier exactly.
 
 A point counts as certified at ε when radius > ε (the radius guarantees only ‖δ‖ < r).
+
+`Certifier` takes a model in memory. `StreamedCertifier` gives the same fp32-mode certificates for a model
+whose fp32 weights are spread over ranks (the trainer's evaluation): it fetches one block at a time and runs
+the batches through it in chunks, so no rank holds the whole fp32 model.
 """
 
 from __future__ import annotations

@@ -46,19 +46,26 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   step, which syncs and re-orthogonalises: 2·W²·4 + 2·W²·8 + W²·8; a Stiefel n×k matrix Y and YᵀY − I in
   float64), summed over the rank's owned matrices; plus one matrix finishing after the read
   (`UPDATE_TEMPORARIES` float64 W×W); the all-gather runs in place into the weights, with no buffer;
-- evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
-  fp32 weights), 4·P; plus either a no-grad fp32 forward of
-  ``certify.batch_size`` images — the input I = B·3·S²·4 and the larger of the stem's (the centred
-  images and their patch copy, 2·I, and its output N·W·4) and the blocks' (3 + [βW ≥ 1])·N·W·4 alive at
-  once (measured on the certification forward; tests/test_plan_memory.py; the stem's is the larger when
-  W < 1.5·p², e.g. 224-pixel images at width 64, tests/test_dryrun.py) and the head's C²·8 + 2·B·C·4 — or
-  the float64 bound of one matrix (9·W²·8 with three squarings), whichever is larger; and through both,
-  every block's M·Rᵀ (L·W²·4), formed once so that the bound measures the product the forward pass applies.
-
+- evaluation (training activations freed; fp32 mode, `certify.StreamedCertifier`): no fp32 copy of the
+  model. Held throughout: the parameters other than the blocks' R and M, in fp32 (with one rank, the masters
+  themselves: nothing), and the float64 class-pair distances C²·8; in turn, two blocks' R and M (the one in
+  use, the next arriving) and the block's P̂ = fl(M·Rᵀ), 5·W²·4 (one rank: W²·4). A chunk of k batches of
+  ``certify.batch_size`` images (N = B·T tokens, n = N·W·4 bytes, I = B·3·S²·4) goes through each block in
+  turn, so besides the k − 1 other batches' activations ((k − 1)·n) the largest of: the stem of the last
+  batch (its images dropped once centred: the centred images and their patch copy, 2·I, and its output n),
+  one batch through a block ((3 + [βW ≥ 1])·n alive at once, measured on the certification forward,
+  tests/test_plan_memory.py), the float64 bound of P̂ beside all k batches (9·W²·8 with three squarings), or
+  the head (every batch's logits, one batch's normalised rows and float64 radii); plus the labels. k is the
+  largest (at most `MAX_CHUNK_BATCHES`) that keeps evaluation within `EVALUATION_SHARE` of what the training
+  phases hold above weights and optimizer state (at least 1): evaluation fills headroom the training peak
+  already has, and a chunk re-fetches every block matrix (k large = few chunks = little communication).
+  Sound mode (`certify.mode: sound`) still gathers the fp32 masters on every rank, 4·P, plus one batch as
+  before (its float64 forward is not modelled);
 Peak = weights + optimizer state
        + max(backward gradients + activation peak + transient gradients,   (backward)
              owned gradient accumulators + optimizer step,        (step; the buckets are gone)
-             evaluation)                                          (no gradients alive).
+             evaluation)                                          (no gradients alive; k = 1 here,
+                                                                  the chunk grows into the headroom).
 Beside it, the start-up peak: fp32 weights + optimizer state without the owned masters (built from the fp32
 weights, they are those weights until the cast) + one largest matrix in the compute dtype while the cast
 runs.

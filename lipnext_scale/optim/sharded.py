@@ -453,7 +453,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
                 module.register_forward_pre_hook(_waiter(self, indices))
         self._hooked_modules = True
 
-    # --- the fp32 masters, gathered (evaluation, saving) ---
+    # --- fp32 masters on every rank: all at once (saving, sound-mode evaluation) or by name (evaluation) ---
 
     @torch.no_grad()
     def gather_fp32_state(self) -> dict[str, torch.Tensor]:
