@@ -263,6 +263,7 @@ class StreamedCertifier:
         resident, self.block_names = streamed_names(skeleton)
         weights = fetch(resident)()
         skeleton.load_state_dict(weights, assign=True, strict=False)
+        skeleton.eval()
         self.model, self.fetch = skeleton, fetch
         self.device = skeleton.embed.weight.device
         _require_fp32_tensors(weights)

@@ -373,9 +373,9 @@ class Trainer:
         """Clean accuracy and CRA on the validation split, certified with the fp32 masters (collective).
 
         In fp32 mode the masters are streamed block by block (`certified_counts`): evaluation holds no full
-        fp32 copy, and its chunk of batches is sized by the memory plan to the training phases' peak. The
-        Lipschitz bound reported is the largest any rank's certificates used. Certification is eager and in
-        `certify.mode` (fp32 or sound) whatever the recipe compiles."""
+        fp32 copy, and its chunk of batches is sized by the memory plan into the training phases' headroom.
+        The Lipschitz bound reported is the largest any rank's certificates used. Certification is eager and
+        in `certify.mode` (fp32 or sound) whatever the recipe compiles."""
         eps_list = list(self.recipe.certify.eps)
         mode = self.recipe.certify.mode
         chunk = min(self.memory_plan["evaluation"]["chunk_batches"], max(1, len(self.val_loader)))

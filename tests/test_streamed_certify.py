@@ -64,6 +64,9 @@ def _worker(rank: int, world: int, store: str, bf16: bool, out: str) -> None:
         reference = Certifier(model)
         expected = []
         expected_counts = certification_counts(reference, batches, EPS, keep=expected)
+        fp32_counts = certification_counts(reference, batches, recipe.certify.eps)
+        sound = Certifier(model, "sound")
+        sound_counts = certification_counts(sound, batches, recipe.certify.eps)
         optimizer = ShardedManifoldOptimizer(named_parameters_with_kinds(model), manifold_hyper(recipe))
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -80,6 +83,14 @@ def _worker(rank: int, world: int, store: str, bf16: bool, out: str) -> None:
                 (chunk, torch.equal(counts, expected_counts), _same(kept, expected),
                  certifier.lipschitz == reference.lipschitz)
             )  # fmt: skip
+        # The trainer's entry point: fp32 mode streams (its default eps), sound mode gathers every master.
+        counts, lipschitz = Trainer.certified_counts(recipe, optimizer, batches, 2)
+        same_bound = lipschitz == reference.lipschitz
+        results.append(("trainer fp32", torch.equal(counts, fp32_counts), True, same_bound))
+        sound_recipe = load_recipe(QUICKSTART, ["model.size=L6W64", "model.beta=0.5", "certify.mode=sound"])
+        counts, lipschitz = Trainer.certified_counts(sound_recipe, optimizer, batches, 2)
+        same_bound = lipschitz == sound.lipschitz
+        results.append(("trainer sound", torch.equal(counts, sound_counts), True, same_bound))
         torch.save({"results": results, "lipschitz": reference.lipschitz}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
