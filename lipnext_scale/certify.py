@@ -21,17 +21,23 @@ Two modes (`MODES`):
   rounding error over the whole certified ball. The certificate holds for the float64 classifier exactly.
 
 A point counts as certified at ε when radius > ε (the radius guarantees only ‖δ‖ < r).
+
+`Certifier` takes a model in memory. `StreamedCertifier` gives the same fp32-mode certificates for a model
+whose fp32 weights are spread over ranks (the trainer's evaluation): it fetches one block at a time and runs
+the batches through it in chunks, so no rank holds the whole fp32 model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from lipnext_scale import distributed
 from lipnext_scale.model.layers import beta_abs, l2_spatial_pool, spatial_shift
 from lipnext_scale.model.lipnext import LipNeXt
 from lipnext_scale.rounding import U64, norm_up, operator_norm_bound, product_up, tensor_down, tensor_up, up
@@ -200,6 +206,160 @@ def certify(model: LipNeXt, images: torch.Tensor, mode: str = "fp32") -> tuple[t
     return Certifier(model, mode)(images)
 
 
+# fetch(names) starts sending those fp32 weights to this rank and returns wait() -> {name: tensor}; collective
+# when the weights live on several ranks (`ShardedManifoldOptimizer.fetch_fp32`).
+Fetch = Callable[[list[str]], Callable[[], dict[str, torch.Tensor]]]
+
+
+def streamed_names(model: LipNeXt) -> tuple[list[str], list[tuple[str, str]]]:
+    """(resident names, (R, M) of each block): what `StreamedCertifier` holds throughout, what it streams."""
+    blocks = [(f"blocks.{i}.R", f"blocks.{i}.M") for i in range(len(model.blocks))]
+    streamed = {name for pair in blocks for name in pair}
+    return [n for n, _ in model.named_parameters() if n not in streamed], blocks
+
+
+def in_memory(state: dict[str, torch.Tensor]) -> Fetch:
+    """A `Fetch` over fp32 weights already held, e.g. a model's `state_dict()` (one process, nothing sent)."""
+    return lambda names: lambda: {name: state[name] for name in names}
+
+
+class StreamedCertifier:
+    """fp32-mode certification of a model whose fp32 weights are never all on this rank at once.
+
+    Held throughout: the small parameters (stem, head, positional terms, biases: `streamed_names`) and the
+    head distances. Streamed: each block's R and M, fetched from their owners (`fetch`, the next block's while
+    this one computes), used, dropped. The validation batches go through block-major in chunks: a chunk of
+    batches is embedded, then block k is fetched, its P̂ = fl(M·Rᵀ) formed as `LipNeXt.mixing_products` forms
+    it, ‖P̂‖ bounded, and every batch of the chunk passed through it, then block k + 1, and so on; the chunk's
+    logits give its radii at the end.
+
+    Trade-off: memory against communication. Per rank the evaluation holds the resident parameters, at most
+    two blocks' R and M (the one in use, the next arriving) and its P̂, the chunk's activations (one
+    N·W fp32 tensor per batch, N = batch·tokens, and one batch's block intermediates), and the float64 bound
+    of one matrix — no full fp32 copy and no list of every block's P̂. Each chunk receives every block matrix
+    once: (number of chunks) × the fp32 block bytes per evaluation, where gathering the model once cost one.
+    So chunks are made as large as memory allows (`memory_plan.evaluation_plan` sizes them to the training
+    phases' peak), and with one rank nothing is sent: `fetch` hands out the masters themselves.
+
+    Soundness, as `Certifier`: the P̂ bounded is the P̂ the forward applies. A chunk forms its own P̂ of each
+    block and bounds it, and that chunk's certificates use the L of its own P̂s: no assumption that forming
+    P̂ again gives the same bits (cuBLAS promises that only on the same GPU model, same settings). Where it
+    does (CPUs, one GPU), every chunk's L is the `Certifier`'s L, and the radii, predictions and counts are
+    bit for bit those of `Certifier` on the gathered model (tests/test_streamed_certify.py). The bounds of E
+    and of each R depend on the weights only, identical everywhere: they are computed once, in the first
+    chunk, split across ranks as `Certifier` splits them, the scalars summed. Bounding P̂ again per chunk
+    costs ~8·W³ float64 FLOPs per block per chunk (the chunk's forward: 4·N·W² fp32 per block).
+
+    Collective when `fetch` is: every rank constructs it and calls `counts`. The ranks agree on the number of
+    chunks first (the largest over ranks, one scalar all-reduce); a rank whose batches run out first takes
+    part in the later chunks' fetches with no batches of its own, so unequal batch counts or chunk sizes
+    cannot hang them.
+    """
+
+    def __init__(self, skeleton: LipNeXt, fetch: Fetch):
+        """`skeleton`: the model's structure (e.g. built on the meta device); its resident parameters are
+        replaced by the fetched fp32 ones, its R and M are never read."""
+        require_no_autocast()
+        resident, self.block_names = streamed_names(skeleton)
+        weights = fetch(resident)()
+        skeleton.load_state_dict(weights, assign=True, strict=False)
+        skeleton.eval()
+        self.model, self.fetch = skeleton, fetch
+        self.device = skeleton.embed.weight.device
+        _require_fp32_tensors(weights)
+        # The weight-only bounds, in `Certifier`'s order: E, then each block's R; rank i % world does entry i.
+        self._rank, self._world = distributed.rank(), distributed.world_size()
+        self._weight_norms: list[float] | None = None
+        self._local = [operator_norm_bound(skeleton.embed.weight) if self._assigned(0) else 0.0]
+        with torch.no_grad():
+            self.distances = head_pair_distances(skeleton)
+        self.lipschitz = 0.0  # the largest L any chunk certified with (this rank)
+
+    def _assigned(self, index: int) -> bool:
+        return index % self._world == self._rank
+
+    @torch.no_grad()
+    def counts(
+        self,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        eps_list: list[float],
+        chunk_batches: int,
+        keep: list | None = None,
+    ) -> torch.Tensor:
+        """[correct, certified at each ε…, total] over `batches` (with a length: a list, a loader), as
+        `certification_counts`, `chunk_batches` batches at a time (collective when `fetch` is)."""
+        require_no_autocast()
+        counts = torch.zeros(len(eps_list) + 2, dtype=torch.long)
+        chunk_batches = max(1, chunk_batches)
+        chunks = int(_max_over_ranks(float(-(-len(batches) // chunk_batches))))
+        iterator = iter(batches)
+        for _ in range(chunks):
+            xs, labels = [], []  # each batch's images are dropped once embedded
+            with exact_fp32_matmuls():
+                for images, y in itertools.islice(iterator, chunk_batches):
+                    x = images.to(device=self.device, dtype=torch.float32) - 0.5
+                    del images
+                    xs.append(self.model.embed(x.to(self.model.embed.weight.dtype)))
+                    labels.append(y)
+                    del x
+            logits, lipschitz = self._through_blocks(xs)
+            self.lipschitz = max(self.lipschitz, lipschitz)
+            for z, y in zip(logits, labels, strict=True):
+                radius, pred = radius_from_logits(z, lipschitz, self.distances)
+                _count(counts, radius, pred, y, eps_list, keep)
+        return counts
+
+    def _through_blocks(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """Each block, fetched in turn, applied to every batch of the chunk: (logits per batch, chunk L)."""
+        blocks = self.model.blocks
+        pending = self.fetch(list(self.block_names[0]))
+        p_norms = []
+        first = self._weight_norms is None
+        with exact_fp32_matmuls():
+            for i, block in enumerate(blocks):
+                weights = pending()
+                if i + 1 < len(blocks):
+                    pending = self.fetch(list(self.block_names[i + 1]))
+                _require_fp32_tensors(weights)
+                r, m = (weights[name] for name in self.block_names[i])
+                p = m @ r.t()  # as `LipNeXt.mixing_products` forms it
+                p_norms.append(operator_norm_bound(p))
+                if first:
+                    self._local.append(operator_norm_bound(r) if self._assigned(i + 1) else 0.0)
+                for j in range(len(xs)):  # (a loop variable would keep the last input alive)
+                    xs[j] = _block_forward(block, xs[j], p, r)
+                del weights, r, m, p
+            logits = [self.model.head(l2_spatial_pool(x)).float() for x in xs]
+        del xs[:]
+        if first:
+            self._weight_norms = _sum_over_ranks(self._local)
+        embed, r_norms = self._weight_norms[0], self._weight_norms[1:]
+        lipschitz = product_up([embed, *(f for pair in zip(r_norms, p_norms, strict=True) for f in pair)])
+        return logits, lipschitz
+
+
+def _require_fp32_tensors(weights: dict[str, torch.Tensor]) -> None:
+    dtypes = {t.dtype for t in weights.values()}
+    if dtypes - {torch.float32}:
+        raise ValueError(f"certify with fp32 weights only; fetched {sorted(map(str, dtypes))}")
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of float64 scalars over ranks (each non-zero on one rank: exact, equal everywhere)."""
+    if distributed.world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=distributed.comm_device())
+    return distributed.all_reduce_sum(t).cpu().tolist()
+
+
+def _max_over_ranks(value: float) -> float:
+    """The largest `value` over ranks (one scalar all-reduce; a host read)."""
+    if distributed.world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=distributed.comm_device())
+    return distributed.all_reduce_max(t).item()
+
+
 def radius_from_logits(
     logits: torch.Tensor, lipschitz: float, distances: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,9 +386,11 @@ def fp32_forward(model: LipNeXt, images: torch.Tensor, products: list[torch.Tens
     return model.head(l2_spatial_pool(x)).float()
 
 
-def _block_forward(block, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    # A function of its own so that its intermediates die on return, as in the block's own forward.
-    shifted = spatial_shift((x + block.pos) @ block.R.t(), block.alpha)
+def _block_forward(block, x: torch.Tensor, p: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+    # A function of its own so that its intermediates die on return, as in the block's own forward. `r`: the
+    # block's R when it is not held by the block itself (`StreamedCertifier`); the same ops either way.
+    r = block.R if r is None else r
+    shifted = spatial_shift((x + block.pos) @ r.t(), block.alpha)
     return beta_abs(F.linear(shifted, p, block.bias), block.beta)
 
 
@@ -251,16 +413,20 @@ def certification_counts(
     try:
         for images, labels in batches:
             radius, pred = certifier(images)
-            radius, pred, labels = radius.cpu(), pred.cpu(), labels.cpu()
-            hit = pred == labels
-            counts[0] += hit.sum()
-            counts[1:-1] += torch.stack([(hit & (radius > eps)).sum() for eps in eps_list])
-            counts[-1] += len(labels)
-            if keep is not None:
-                keep.append((radius, pred, labels))
+            _count(counts, radius, pred, labels, eps_list, keep)
     finally:
         model.train(was_training)
     return counts
+
+
+def _count(counts: torch.Tensor, radius, pred, labels, eps_list: list[float], keep: list | None) -> None:
+    radius, pred, labels = radius.cpu(), pred.cpu(), labels.cpu()
+    hit = pred == labels
+    counts[0] += hit.sum()
+    counts[1:-1] += torch.stack([(hit & (radius > eps)).sum() for eps in eps_list])
+    counts[-1] += len(labels)
+    if keep is not None:
+        keep.append((radius, pred, labels))
 
 
 def summarize(counts: torch.Tensor, eps_list: list[float], lipschitz: float, mode: str = "fp32") -> dict:

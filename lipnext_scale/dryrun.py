@@ -20,10 +20,11 @@ temporaries). What runs is the package's own code, so a change to it changes the
     optimizer step  the real `step()`: reduce-scatter, norm all-reduce, the owned matrices' Riemannian
                     updates, all-gather of the compute-dtype weights; a step that also syncs Lookahead and
                     re-orthogonalises
-    evaluation      the fp32 masters gathered into a fresh flat buffer (ZeRO-2 has no idle full-size
-                    gradient buffer to borrow) as the trainer's fp32 model, its `Certifier` (every block's
-                    M·Rᵀ held, the Lipschitz bound, head distances) and a certification pass of
-                    `certify.batch_size` images
+    evaluation      `Trainer.certified_counts` over one chunk of the planned number of batches of
+                    `certify.batch_size` images: in fp32 mode the masters streamed from their owners
+                    block by block (`StreamedCertifier`: resident stem, head and small parameters, two
+                    blocks' R and M, one P̂ and its float64 bound, the chunk's activations); in sound mode
+                    gathered whole into a fresh flat buffer for `Certifier`
 
 What does not run faked, and what is done instead:
 
@@ -60,7 +61,6 @@ import dataclasses
 import gc
 import math
 import time
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,7 +73,6 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
-from lipnext_scale.certify import Certifier, certification_counts
 from lipnext_scale.config import Recipe
 from lipnext_scale.loss import classification_loss, training_eps
 from lipnext_scale.memory_plan import plan, planned_dtype, recipe_micro_batch
@@ -83,7 +82,7 @@ from lipnext_scale.trainer import Trainer
 
 # MemTracker's category names (its `_MemRefType` values) → what they hold in this step.
 CATEGORIES = {
-    "Parameter": "weights (compute dtype; in evaluation the fp32 model's weights, i.e. the gathered masters)",
+    "Parameter": "weights (compute dtype; in evaluation also the fp32 weights fetched from their owners)",
     "Gradient": "parameter gradients (compute dtype) until the optimizer's hook copies them into a bucket; "
     "the fp32 bucket send buffers (≤ 2 alive) and the owned fp32 gradient accumulators (ZeRO-2)",
     "Optstate": "optimizer state of the owned parameters (+ the step's temporaries, during the step)",
@@ -214,6 +213,30 @@ def _tag_gradients(tracker: MemTracker, optimizer: ShardedManifoldOptimizer) -> 
         tracker._update_and_maybe_create_winfos(t, _MemRefType.GRAD)
 
 
+class _Batches:
+    """`count` batches, each made by `make()` when asked for: a loader's batches, one alive at a time unless
+    the consumer keeps them (a list would hold every batch's images from the start)."""
+
+    def __init__(self, count: int, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for _ in range(self.count):
+            yield self.make()
+
+
+class _Evaluation(torch.nn.Module):
+    """`Trainer.certified_counts` as a module's forward. A chunk calls the stem and the head once per batch;
+    MemTracker refuses a second call of a module at the top level (it takes it for the next iteration) but
+    follows repeated calls inside an enclosing module."""
+
+    def forward(self, *args):
+        return Trainer.certified_counts(*args)
+
+
 def _largest_rank(planned: dict) -> int:
     per_rank = planned["optimizer_per_rank"]
     return max(range(len(per_rank)), key=lambda r: (per_rank[r], -r))
@@ -339,18 +362,21 @@ def dry_run(
             optimizer.step_count = _worst_step(recipe) - 1  # so that it syncs Lookahead, re-orthogonalises
             optimizer.step()
 
-        def evaluation(_: MemTracker) -> None:
-            optimizer, m = live["optimizer"], recipe.model
-            images = torch.rand(recipe.certify.batch_size, 3, m.image_size, m.image_size)
-            labels = torch.randint(0, m.num_classes, (recipe.certify.batch_size,))
-            with optimizer.fp32_state_in_grad_buffer() as state:
-                # As `Trainer.evaluate`: its own fp32 model (it reads nothing of the trainer but the recipe),
-                # the certifier (every block's M·Rᵀ held; the bound's matrices split across ranks).
-                model = Trainer.fp32_model(types.SimpleNamespace(recipe=recipe), state)
-                share = (rank, world_size, Trainer._sum_scalars)
-                certifier = Certifier(model, recipe.certify.mode, share=share)
-                certification_counts(certifier, [(images, labels)], list(recipe.certify.eps))
-                del model, certifier
+        def evaluation(tracker: MemTracker) -> None:
+            # As `Trainer.evaluate`, with one chunk of the planned size: the fp32 masters streamed block by
+            # block from their owners (fp32 mode; sound mode gathers them all), the chunk's batches passed
+            # through each block in turn, each block's P̂ bounded; the weights' bounds split across ranks.
+            m, batch = recipe.model, recipe.certify.batch_size
+            chunk = planned["evaluation"]["chunk_batches"]
+
+            def make() -> tuple[torch.Tensor, torch.Tensor]:
+                images = torch.rand(batch, 3, m.image_size, m.image_size)
+                return images, torch.randint(0, m.num_classes, (batch,))
+
+            _Evaluation()(recipe, live["optimizer"], _Batches(chunk, make), chunk)
+            # The fp32 weights this rank owns were fetched as its masters themselves, which MemTracker then
+            # re-filed as parameters of the evaluation's model: filed back as optimizer state.
+            tracker.track_external(live["optimizer"])
 
         run_phase("start-up", start_up)
         run_phase("micro-batch", micro_batch_step)

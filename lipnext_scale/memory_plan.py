@@ -46,19 +46,26 @@ Per rank (b = bytes of the compute dtype, P = parameters):
   step, which syncs and re-orthogonalises: 2·W²·4 + 2·W²·8 + W²·8; a Stiefel n×k matrix Y and YᵀY − I in
   float64), summed over the rank's owned matrices; plus one matrix finishing after the read
   (`UPDATE_TEMPORARIES` float64 W×W); the all-gather runs in place into the weights, with no buffer;
-- evaluation (training activations freed): the fp32 masters gathered on every rank (the certificate needs
-  fp32 weights), 4·P; plus either a no-grad fp32 forward of
-  ``certify.batch_size`` images — the input I = B·3·S²·4 and the larger of the stem's (the centred
-  images and their patch copy, 2·I, and its output N·W·4) and the blocks' (3 + [βW ≥ 1])·N·W·4 alive at
-  once (measured on the certification forward; tests/test_plan_memory.py; the stem's is the larger when
-  W < 1.5·p², e.g. 224-pixel images at width 64, tests/test_dryrun.py) and the head's C²·8 + 2·B·C·4 — or
-  the float64 bound of one matrix (9·W²·8 with three squarings), whichever is larger; and through both,
-  every block's M·Rᵀ (L·W²·4), formed once so that the bound measures the product the forward pass applies.
-
+- evaluation (training activations freed; fp32 mode, `certify.StreamedCertifier`): no fp32 copy of the
+  model. Held throughout: the parameters other than the blocks' R and M, in fp32 (with one rank, the masters
+  themselves: nothing), and the float64 class-pair distances C²·8; in turn, two blocks' R and M (the one in
+  use, the next arriving) and the block's P̂ = fl(M·Rᵀ), 5·W²·4 (one rank: W²·4). A chunk of k batches of
+  ``certify.batch_size`` images (N = B·T tokens, n = N·W·4 bytes, I = B·3·S²·4) goes through each block in
+  turn, so besides the k − 1 other batches' activations ((k − 1)·n) the largest of: the stem of the last
+  batch (its images dropped once centred: the centred images and their patch copy, 2·I, and its output n),
+  one batch through a block ((3 + [βW ≥ 1])·n alive at once, measured on the certification forward,
+  tests/test_plan_memory.py), the float64 bound of P̂ beside all k batches (9·W²·8 with three squarings), or
+  the head (every batch's logits, one batch's normalised rows and float64 radii); plus the labels. k is the
+  largest (at most `MAX_CHUNK_BATCHES`) that keeps evaluation within `EVALUATION_SHARE` of what the training
+  phases hold above weights and optimizer state (at least 1): evaluation fills headroom the training peak
+  already has, and a chunk re-fetches every block matrix (k large = few chunks = little communication).
+  Sound mode (`certify.mode: sound`) still gathers the fp32 masters on every rank, 4·P, plus one batch as
+  before (its float64 forward is not modelled);
 Peak = weights + optimizer state
        + max(backward gradients + activation peak + transient gradients,   (backward)
              owned gradient accumulators + optimizer step,        (step; the buckets are gone)
-             evaluation)                                          (no gradients alive).
+             evaluation)                                          (no gradients alive; k = 1 here,
+                                                                  the chunk grows into the headroom).
 Beside it, the start-up peak: fp32 weights + optimizer state without the owned masters (built from the fp32
 weights, they are those weights until the cast) + one largest matrix in the compute dtype while the cast
 runs.
@@ -90,6 +97,14 @@ BACKWARD_WORKING_SET = 2.8  # × N·W·b
 # (X, U, Vᵀ, U·Vᵀ + the solver's workspace, which no tensor shows) is covered by the margin (an estimate).
 UPDATE_TEMPORARIES = 8
 CHECKPOINT_OPTIONS = (0, 1, 2, 4)
+# The streamed evaluation's largest chunk (batches): past it a chunk's block fetches and re-bounds (~8·W³
+# FLOPs a block) are a negligible share of its forward (4·N·W² a batch, N = batch·tokens ≫ W), so more
+# memory would buy nothing.
+MAX_CHUNK_BATCHES = 64
+# The share of the training phases' bytes above weights and optimizer state that the streamed evaluation's
+# chunk may fill. Below 1 so that evaluation does not set the run's peak: the plan of the backward is an upper
+# bound (its working set is the top of the measured range), about 5% above what the dry run measures.
+EVALUATION_SHARE = 0.9
 
 
 def planned_dtype(recipe: Recipe) -> torch.dtype:
@@ -248,31 +263,68 @@ def step_transient(params: dict, world_size: int, b: int) -> int:
     return max(params["update_held_per_rank"]) + UPDATE_TEMPORARIES * params["largest_matrix"] * 8
 
 
-def evaluation_plan(model: ModelConfig, batch: int, params: dict) -> dict:
-    """Bytes an evaluation adds on top of weights, gradient buffer and optimizer state."""
+def evaluation_plan(
+    model: ModelConfig,
+    batch: int,
+    params: dict,
+    mode: str = "fp32",
+    budget: int | None = None,
+    chunk_batches: int | None = None,
+) -> dict:
+    """Bytes an evaluation adds on top of weights and optimizer state, and the chunk of batches it runs.
+
+    fp32 mode (`certify.StreamedCertifier`): `chunk_batches`, or the largest chunk of at most
+    `MAX_CHUNK_BATCHES` batches whose bytes stay within `budget` (at least one batch; with no budget, one).
+    Sound mode gathers every fp32 master on every rank and runs one batch at a time."""
     depth, width = SIZES[model.size]
     n = batch * (model.image_size // model.patch) ** 2
-    alive = 3 + (round(model.beta * width) > 0)  # measured on the certification forward (fp32_forward)
+    nw = n * width * 4  # one batch's activation between blocks, fp32
+    alive = 3 + (round(model.beta * width) > 0)  # measured on the certification forward (_block_forward)
     c = model.num_classes
-    # Every block's P = M·Rᵀ, formed once and held for the whole evaluation (lipnext_scale.certify).
-    products = depth * width * width * 4
-    # + the float64 class-pair distances, logits and margins.
-    head = c * c * 8 + 2 * batch * c * 4
     images = batch * 3 * model.image_size**2 * 4
-    stem = 2 * images + n * width * 4  # centred images, their patch copy, the embedding
-    forward = images + max(stem, int(alive * n * width * 4)) + head
+    stem = 2 * images + nw  # centred images, their patch copy, the embedding
     # operator_norm_bound: X and XᵀX − I in float64, then two W×W float64 per squaring level, plus one
     # elementwise temporary (lipnext_scale.rounding.DEFECT_SQUARINGS = 3).
     bound = (3 + 2 * 3) * params["largest_matrix"] * 8
-    # The gathered fp32 masters (gradients are sharded: there is no idle full-size buffer to borrow).
-    fp32_copy = (params["params"] + params["padding"]) * 4
+    if mode != "fp32":
+        # The gathered fp32 masters, every block's M·Rᵀ counted as in fp32 mode (not formed by the sound
+        # certifier, which re-forms P per batch in float64: its float64 forward is not measured here).
+        fp32_copy = (params["params"] + params["padding"]) * 4
+        products = depth * width * width * 4
+        head = c * c * 8 + 2 * batch * c * 4
+        forward = images + max(stem, alive * nw) + head
+        extra = fp32_copy + products + max(forward, bound)
+        return {"batch": batch, "chunk_batches": 1, "fp32_copy": fp32_copy, "streamed": 0, "resident": 0,
+                "forward": forward, "bound": bound, "extra": extra}  # fmt: skip
+    # Held throughout: every parameter but the blocks' R and M (fp32), and the float64 class-pair distances;
+    # streamed: two blocks' R and M (the one in use, the next arriving) and the block's P̂ = fl(M·Rᵀ). With
+    # one rank every weight is fetched as the master itself: only the distances and P̂ are new.
+    alone = len(params["optimizer_per_rank"]) == 1
+    resident = (0 if alone else (params["params"] - 2 * depth * width * width) * 4) + c * c * 8
+    streamed = (1 if alone else 5) * width * width * 4
+
+    def extra(k: int) -> int:
+        chunk = max(
+            (k - 1) * nw + stem,  # embedding the chunk's last batch (its images dropped once centred)
+            streamed + (k - 1) * nw + alive * nw,  # one batch through a block, the others waiting
+            streamed + k * nw + bound,  # bounding P̂ with the chunk's activations held
+            # the head: every batch's logits, one batch's normalised head rows and its radii in float64
+            k * nw + k * batch * c * 4 + c * width * 4 + 2 * batch * c * 8,
+        )
+        return resident + chunk + k * batch * 8 + 256  # + the chunk's labels (int64) and the counts
+
+    k = chunk_batches or 1
+    while chunk_batches is None and budget is not None and k < MAX_CHUNK_BATCHES and extra(k + 1) <= budget:
+        k += 1
     return {
         "batch": batch,
-        "fp32_copy": fp32_copy,
-        "products": products,
-        "forward": forward,
+        "chunk_batches": k,
+        "fp32_copy": 0,
+        "streamed": streamed,
+        "resident": resident,
+        "forward": extra(k) - resident,
         "bound": bound,
-        "extra": fp32_copy + products + max(forward, bound),
+        "extra": extra(k),
     }
 
 
@@ -342,13 +394,15 @@ def plan(
     params = parameter_plan(recipe, world_size, dtype)
     step = step_transient(params, world_size, b)
     micro = micro_batch or recipe_micro_batch(recipe, world_size)
-    evaluation = evaluation_plan(recipe.model, recipe.certify.batch_size, params)
     # Phases between forward/backward passes: the step (owned gradients still alive), evaluation (none,
     # unless gradient accumulation lets an epoch end between micro-batches of a step: the trainer then
-    # evaluates with that step's owned accumulators pending).
+    # evaluates with that step's owned accumulators pending). Evaluation's smallest chunk (one batch) enters
+    # the peak; its chunk then grows into what the training phases leave (below).
     accumulation = max(1, recipe.data.batch_size // (micro * world_size))
     pending = params["grad_accumulators"] if accumulation > 1 else 0
-    between = max(params["grad_accumulators"] + step, pending + evaluation["extra"])
+    batch, mode = recipe.certify.batch_size, recipe.certify.mode
+    smallest = evaluation_plan(recipe.model, batch, params, mode)
+    between = max(params["grad_accumulators"] + step, pending + smallest["extra"])
     usable = int(gpu_memory_gib * GIB * (1 - reserve))
     per_rank_batch = recipe.data.batch_size // world_size if recipe.data.batch_size % world_size == 0 else 0
     asked = recipe.model.activation_checkpointing
@@ -376,6 +430,9 @@ def plan(
         chosen = asked
     act = activation_plan(recipe.model, recipe.train.loss, micro, b, chosen)
     peak = peak_bytes(params, act, between)
+    static = params["weights"] + max(params["optimizer_per_rank"])
+    budget = int(EVALUATION_SHARE * (peak - static)) - pending
+    evaluation = evaluation_plan(recipe.model, batch, params, mode, budget=budget)
     init = startup_peak(params, b)
     return {
         "size": recipe.model.size,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from lipnext_scale import distributed
 from lipnext_scale import engine as ds
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds, resolve_precision
-from lipnext_scale.certify import Certifier, certification_counts, format_table, summarize
+from lipnext_scale.certify import Certifier, StreamedCertifier, certification_counts, format_table, summarize
 from lipnext_scale.checkpoint import Checkpointer, RngState, ShardedOptimizerState, tag_for
 from lipnext_scale.config import ConfigError, Recipe
 from lipnext_scale.console import ConsoleLog, memory_text
@@ -327,14 +327,37 @@ class Trainer:
         """Every parameter's fp32 master, gathered from its owner (collective)."""
         return self.optimizer.gather_fp32_state()
 
-    def fp32_model(self, state: dict[str, torch.Tensor]):
-        """A model on fp32 weights `state` (views, no copy); for evaluation only: no compile, no
-        activation checkpointing."""
-        eager = dataclasses.replace(self.recipe.model, compile=False, activation_checkpointing=0)
+    @staticmethod
+    def fp32_model(recipe: Recipe, state: dict[str, torch.Tensor] | None = None):
+        """A model on fp32 weights `state` (views, no copy), or with none its structure only, on the meta
+        device (`StreamedCertifier` assigns what it fetches); for evaluation only: no compile, no activation
+        checkpointing."""
+        eager = dataclasses.replace(recipe.model, compile=False, activation_checkpointing=0)
         with torch.device("meta"):
-            model = build_model(dataclasses.replace(self.recipe, model=eager))
-        model.load_state_dict(state, assign=True)
+            model = build_model(dataclasses.replace(recipe, model=eager))
+        if state is not None:
+            model.load_state_dict(state, assign=True)
         return model
+
+    @staticmethod
+    def certified_counts(
+        recipe: Recipe, optimizer: ShardedManifoldOptimizer, batches, chunk_batches: int
+    ) -> tuple[torch.Tensor, float]:
+        """This rank's [correct, certified at each ε…, total] over `batches` and the largest Lipschitz bound
+        its certificates used, from the fp32 masters (collective; the dry run calls it too).
+
+        fp32 mode streams the masters block by block from their owners (`certify.StreamedCertifier`):
+        no rank holds the full fp32 model, the batches go through `chunk_batches` at a time (the memory
+        plan's `evaluation.chunk_batches`). Sound mode gathers every master on every rank (4 bytes per
+        parameter) and runs `Certifier`: `SoundCertifier` takes a whole model."""
+        eps_list = list(recipe.certify.eps)
+        if recipe.certify.mode == "fp32":
+            certifier = StreamedCertifier(Trainer.fp32_model(recipe), optimizer.fetch_fp32)
+            return certifier.counts(batches, eps_list, chunk_batches), certifier.lipschitz
+        model = Trainer.fp32_model(recipe, optimizer.gather_fp32_state())
+        share = (distributed.rank(), distributed.world_size(), Trainer._sum_scalars)
+        certifier = Certifier(model, recipe.certify.mode, share=share)
+        return certification_counts(certifier, batches, eps_list), certifier.lipschitz
 
     def _orthogonality_defect(self) -> torch.Tensor:
         """max |XᵀX − I| over the fp32 masters this rank owns, as a float64 scalar on its device: each owner
@@ -362,20 +385,18 @@ class Trainer:
     def evaluate(self) -> dict:
         """Clean accuracy and CRA on the validation split, certified with the fp32 masters (collective).
 
-        The masters are gathered into the gradient buffer, idle between steps, and the model on them is
-        dropped before training goes on: evaluation adds no full-size buffer to the training peak. The
-        per-matrix bound work (W³ each) is split across ranks; only its scalars travel. Certification is
-        eager and in `certify.mode` (fp32 or sound) whatever the recipe compiles."""
+        In fp32 mode the masters are streamed block by block (`certified_counts`): evaluation holds no full
+        fp32 copy, and its chunk of batches is sized by the memory plan into the training phases' headroom.
+        The Lipschitz bound reported is the largest any rank's certificates used. Certification is eager and
+        in `certify.mode` (fp32 or sound) whatever the recipe compiles."""
         eps_list = list(self.recipe.certify.eps)
         mode = self.recipe.certify.mode
-        with self.optimizer.fp32_state_in_grad_buffer() as state:
-            model = self.fp32_model(state)
-            share = (self.dist.rank, self.dist.world_size, self._sum_scalars)
-            certifier = Certifier(model, mode, share=share)
-            counts = certification_counts(certifier, self.val_loader, eps_list)
-            lipschitz = certifier.lipschitz
-            del model, certifier
-        counts = distributed.all_reduce_sum(counts.to(distributed.comm_device())).cpu()
+        chunk = min(self.memory_plan["evaluation"]["chunk_batches"], max(1, len(self.val_loader)))
+        counts, lipschitz = self.certified_counts(self.recipe, self.optimizer, self.val_loader, chunk)
+        comm = distributed.comm_device()
+        counts = distributed.all_reduce_sum(counts.to(comm)).cpu()
+        largest = distributed.all_reduce_max(torch.tensor(lipschitz, dtype=torch.float64, device=comm))
+        lipschitz = largest.item()
         result = summarize(counts, eps_list, lipschitz, mode)
         result["orthogonality_error"] = self.orthogonality_error()
         result["num_params"] = self.num_params

@@ -16,11 +16,11 @@ from torch.utils._pytree import tree_flatten
 
 from lipnext_scale import memory_plan as plan_memory
 from lipnext_scale.build import manifold_hyper, named_parameters_with_kinds
-from lipnext_scale.certify import Certifier, certification_counts
 from lipnext_scale.config import load_recipe
 from lipnext_scale.loss import classification_loss
 from lipnext_scale.optim.sharded import ShardedManifoldOptimizer
 from lipnext_scale.pretrained import build_model
+from lipnext_scale.trainer import Trainer
 from tests.conftest import QUICKSTART, REPO, load_tool
 
 GIB = 2**30
@@ -96,7 +96,7 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":  # meta tensors hold no memory
                 storage = t.untyped_storage()
                 if storage.nbytes() and storage not in self.seen and storage.data_ptr() not in self.exclude:
                     self.seen[storage] = True
@@ -180,11 +180,13 @@ def test_unfused_block_formula_matches_what_autograd_saves(size, precision, chec
 
 
 @pytest.mark.parametrize(
-    "size,beta,micro", [("L6W64", 0.0, 64), ("L6W64", 0.25, 64), ("L8W128", 0.5, 64), ("L6W64", 0.5, 32)]
+    "size,beta,micro,chunk",
+    [("L6W64", 0.0, 64, 1), ("L6W64", 0.25, 64, 3), ("L8W128", 0.5, 64, 2), ("L6W64", 0.5, 32, 2)],
 )
-def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro):
-    """What the trainer's evaluate() allocates: the masters gathered into a fresh fp32 buffer (gradients are
-    sharded: no idle full-size buffer to borrow), then a certification pass; pending gradients stay."""
+def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro, chunk):
+    """What the trainer's evaluate() allocates (`Trainer.certified_counts`, fp32 mode): the masters streamed
+    block by block (with one rank, the masters themselves), a chunk of batches made as a loader makes them,
+    passed through each block in turn; pending gradients stay. No fp32 copy of the model is made."""
     overrides = [f"model.size={size}", f"model.beta={beta}", "certify.batch_size=24"]
     recipe = load_recipe(QUICKSTART, [*overrides, f"train.micro_batch_size={micro}"])
     model = build_model(recipe)
@@ -195,20 +197,25 @@ def test_evaluation_formula_matches_a_real_certification_pass(size, beta, micro)
         model(torch.rand(2, 3, size_px, size_px)).sum().backward()
         optimizer._finish_reductions()
     pending = {k: v.clone() for k, v in optimizer._grads.items()}
-    labels = torch.randint(0, recipe.model.num_classes, (batch,))
+
+    class Loader:  # each batch made when asked for, as a loader does
+        def __len__(self):
+            return chunk
+
+        def __iter__(self):
+            for _ in range(chunk):
+                labels = torch.randint(0, recipe.model.num_classes, (batch,))
+                yield torch.rand(batch, 3, size_px, size_px), labels
+
     meter = LiveBytes([*model.parameters(), *optimizer._grads.values()])
     with meter:
-        images = torch.rand(batch, 3, size_px, size_px)
-        with optimizer.fp32_state_in_grad_buffer() as state:
-            with torch.device("meta"):
-                fp32 = build_model(recipe)
-            fp32.load_state_dict(state, assign=True)
-            certification_counts(Certifier(fp32), [(images, labels)], [0.1])
+        counts, _ = Trainer.certified_counts(recipe, optimizer, Loader(), chunk)
+    assert int(counts[-1]) == chunk * batch
     assert pending.keys() == optimizer._grads.keys()
     assert all(torch.equal(v, optimizer._grads[k]) for k, v in pending.items())
-    planned = plan_memory.plan(recipe, world_size=1)["evaluation"]
-    assert planned["batch"] == batch
-    assert planned["fp32_copy"] >= 4 * sum(p.numel() for p in model.parameters())
+    params = plan_memory.parameter_plan(recipe, 1, torch.float32)
+    planned = plan_memory.evaluation_plan(recipe.model, batch, params, chunk_batches=chunk)
+    assert planned["batch"] == batch and planned["fp32_copy"] == 0
     assert measured_between(meter.peak, planned["extra"], 1.0, 1.05), (planned, meter.peak)
 
 

@@ -80,8 +80,8 @@ def format_plan(p: dict, title: str = "") -> str:
         row(f"transient {b} gradients (3 x largest matrix)", p["transient_grads"]),
         row("optimizer-step transients (activations freed)", p["step_transient"]),
         row(
-            f"evaluation: fp32 forward of {p['evaluation']['batch']} images"
-            + (" + gathered fp32 masters" if p["evaluation"]["fp32_copy"] else ""),
+            f"evaluation: {p['evaluation']['chunk_batches']} x {p['evaluation']['batch']} images, masters "
+            + ("gathered" if p["evaluation"]["fp32_copy"] else "streamed by block"),
             p["evaluation"]["extra"],
         ),
         f"  collectives' padding {p['padding'] / p['params']:.3%} of the parameters",

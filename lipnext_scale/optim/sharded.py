@@ -42,11 +42,10 @@ on its communication device.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -479,7 +478,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
                 module.register_forward_pre_hook(_waiter(self, indices))
         self._hooked_modules = True
 
-    # --- the fp32 masters, gathered (evaluation, saving) ---
+    # --- fp32 masters on every rank: all at once (saving, sound-mode evaluation) or by name (evaluation) ---
 
     @torch.no_grad()
     def gather_fp32_state(self) -> dict[str, torch.Tensor]:
@@ -505,11 +504,32 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
                 distributed.all_gather_in_place(flat, async_op=False)
         return views
 
-    @contextlib.contextmanager
-    def fp32_state_in_grad_buffer(self) -> Iterator[dict[str, torch.Tensor]]:
-        """`gather_fp32_state()` for the length of a block. There is no full-size gradient buffer to borrow
-        any more (gradients are sharded): the masters go into a buffer freed when the block ends."""
-        yield self.gather_fp32_state()
+    @torch.no_grad()
+    def fetch_fp32(self, names: list[str]) -> Callable[[], dict[str, torch.Tensor]]:
+        """Start sending the fp32 masters of `names` from their owners to every rank; returns `wait()`, which
+        gives {name: fp32 tensor}. Collective: every rank calls it with the same names in the same order.
+
+        One asynchronous broadcast per parameter, so a caller can fetch the next block's matrices while it
+        computes with this block's (`certify.StreamedCertifier`). On the owner the tensor is its master itself
+        (no copy: read it, never write it); elsewhere a fresh buffer, freed when the caller drops it."""
+        self.wait_weights()  # an fp32 master may be the very weight a pending gather writes
+        out, works = {}, []
+        for name in names:
+            param, owner = self.params_by_name[name], self.owners[name]
+            if owner == self.rank:
+                tensor = self.state[param]["master"].view_as(param)
+            else:
+                tensor = torch.empty(param.shape, dtype=torch.float32, device=self.device)
+            out[name] = tensor
+            works.append(distributed.broadcast_from(tensor, owner))
+
+        def wait() -> dict[str, torch.Tensor]:
+            for work in works:
+                if work is not None:
+                    self._wait(work)
+            return out
+
+        return wait
 
     def state_bytes(self, param: torch.nn.Parameter) -> int:
         """Bytes of one owned parameter's state: master (unless it aliases the weight), moments, Lookahead."""
