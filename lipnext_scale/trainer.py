@@ -190,12 +190,13 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.warmup_steps = int(recipe.optim.warmup_epochs * self.steps_per_epoch)
         self.step = 0
-        self._saved_step = -1
+        self._saved: tuple[int, int] | None = None  # (step, evaluated step) of the last checkpoint
         # Running sums since the last log step, on the device: loss·n, correct, certified, images. Read on the
         # host only in step_stats (no synchronisation per micro-batch).
         self._window = torch.zeros(len(WINDOW), dtype=torch.float64, device=self.device)
         self.stop = stop or StopRequest(self.dist.rank)
         self._last_save_time = time.monotonic()
+        self._evaluated_step = 0  # the step whose evaluation last finished
         self.checkpointer = Checkpointer(
             self.ckpt_dir,
             self.dist.rank,
@@ -392,7 +393,8 @@ class Trainer:
         eps_list = list(self.recipe.certify.eps)
         mode = self.recipe.certify.mode
         chunk = min(self.memory_plan["evaluation"]["chunk_batches"], max(1, len(self.val_loader)))
-        counts, lipschitz = self.certified_counts(self.recipe, self.optimizer, self.val_loader, chunk)
+        batches = _Stoppable(self.val_loader, self.stop)
+        counts, lipschitz = self.certified_counts(self.recipe, self.optimizer, batches, chunk)
         comm = distributed.comm_device()
         counts = distributed.all_reduce_sum(counts.to(comm)).cpu()
         largest = distributed.all_reduce_max(torch.tensor(lipschitz, dtype=torch.float64, device=comm))
@@ -474,16 +476,22 @@ class Trainer:
         return self.train_loader.epoch + int(self.train_loader.epoch_complete)
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "evaluated_step": self._evaluated_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
+        self.step, self._evaluated_step = state["step"], state.get("evaluated_step", state["step"])
+
+    def _evaluation_pending(self) -> bool:
+        """An epoch (or the run) ended at this step and its evaluation did not finish before the checkpoint:
+        a stop during the evaluation, or a checkpoint taken at the epoch's last step and a crash after it."""
+        ended = self.train_loader.epoch_complete or self.step >= self.total_steps
+        return self.step > 0 and ended and self._evaluated_step != self.step
 
     def save_checkpoint(self) -> None:
-        """Collective. At most one checkpoint per step."""
-        if self._saved_step == self.step:
+        """Collective. At most one checkpoint per step, and one more once its evaluation has finished."""
+        if self._saved == (self.step, self._evaluated_step):
             return
-        self._saved_step = self.step
+        self._saved = (self.step, self._evaluated_step)
         self.checkpointer.save(self.step, self.states, recipe=self.recipe.to_dict())
         self._last_save_time = time.monotonic()
 
@@ -546,7 +554,13 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if self.resumed_from is None or not path.exists():
             return open(path, "w")
-        kept = [line for line in path.read_text().splitlines() if _step_of_record(line) <= self.step]
+        pending = self._evaluation_pending()  # its record, if one was written, is about to be written again
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if _step_of_record(line) < self.step
+            or (_step_of_record(line) == self.step and not (pending and '"eval"' in line))
+        ]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
@@ -568,6 +582,8 @@ class Trainer:
         result = None
         meter = ThroughputMeter(self.dist.world_size)
         self._last_save_time = time.monotonic()
+        if self._evaluation_pending():
+            result = self._evaluate_and_report(f"step {self.step} (its evaluation, left pending)", bar)
         while self.step < self.total_steps:
             for images, labels in meter.timed(self.train_loader):
                 if not self.train_micro_batch(images, labels):
@@ -596,11 +612,7 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     bar.close()
-                    raise Interrupted(
-                        self.stop.received or "a signal on another rank",
-                        self.step,
-                        str(self.ckpt_dir / tag_for(self.step)),
-                    )
+                    raise self._interrupted()
                 if self.step >= self.total_steps:
                     break
             if self.train_loader.epoch_complete:
@@ -608,14 +620,8 @@ class Trainer:
             else:  # max_steps ended inside an epoch
                 share = self.train_loader.position / self.train_loader.batches_in_epoch
                 done = f"step {self.step} (epoch {self.epoch + 1}, {share:.0%} done)"
-            result = self.evaluate()
+            result = self._evaluate_and_report(done, bar)
             meter.read_and_reset()  # evaluation time is not training throughput
-            self.log({"step": self.step, "epoch": self.epoch, "eval": result})
-            if self.is_main:
-                bar.write(
-                    f"{done}: clean {100 * result['clean_acc']:.2f}%  "
-                    + "  ".join(f"CRA@{r['eps']:.3f} {100 * r['cra']:.2f}%" for r in result["cra"])
-                )
         bar.close()
         if result is None:  # resumed after the last step: nothing left to train
             result = self.evaluate()
@@ -628,6 +634,28 @@ class Trainer:
                 flush=True,
             )
         return result
+
+    def _evaluate_and_report(self, done: str, bar) -> dict:
+        """Evaluate, log and print; a stop agreed during the evaluation checkpoints (the evaluation then
+        runs first thing on resume) and raises Interrupted."""
+        try:
+            result = self.evaluate()
+        except _EvaluationStopped:
+            self.save_checkpoint()
+            bar.close()
+            raise self._interrupted() from None
+        self._evaluated_step = self.step
+        self.log({"step": self.step, "epoch": self.epoch, "eval": result})
+        if self.is_main:
+            bar.write(
+                f"{done}: clean {100 * result['clean_acc']:.2f}%  "
+                + "  ".join(f"CRA@{r['eps']:.3f} {100 * r['cra']:.2f}%" for r in result["cra"])
+            )
+        return result
+
+    def _interrupted(self) -> Interrupted:
+        signal_name = self.stop.received or "a signal on another rank"
+        return Interrupted(signal_name, self.step, str(self.ckpt_dir / tag_for(self.step)))
 
     def save(self, result: dict) -> None:
         """Final checkpoint (collective), then rank 0 writes model.safetensors and eval.json."""
@@ -648,3 +676,25 @@ class Trainer:
         if self.wandb:
             self.wandb.finish()
         ds.shutdown()
+
+
+class _EvaluationStopped(Exception):
+    pass
+
+
+class _Stoppable:
+    """The validation batches, with the ranks agreeing before each one whether a stop signal arrived (one
+    all-reduce of two numbers per batch: an evaluation can outlast Slurm's warning before the kill). Every
+    rank has the same number of validation batches, so the agreements match across ranks."""
+
+    def __init__(self, batches, stop: StopRequest):
+        self.batches, self.stop = batches, stop
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.stop.agreed(False, distributed.comm_device())[0]:
+                raise _EvaluationStopped
+            yield batch

@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from lipnext_scale.checkpoint import LATEST, Checkpointer, RngState, find_resumable, verify
 from lipnext_scale.config import load_recipe
-from lipnext_scale.preemption import recipe_changes
+from lipnext_scale.preemption import Interrupted, recipe_changes
+from lipnext_scale.trainer import Trainer
 from tests.conftest import QUICKSTART, REPO, load_tool
 
 
@@ -181,3 +183,55 @@ def test_a_checkpoint_directory_not_every_rank_sees_is_refused_at_start_up(tmp_p
     for rank in (0, 1):
         message = (tmp_path / f"not_shared_rank{rank}.txt").read_text()
         assert "not shared by every rank (rank 1 on" in message and "run.output_dir" in message
+
+
+class SignalDuringEvaluation:
+    """The real validation loader; a stop signal arrives as its second batch is read."""
+
+    def __init__(self, loader, stop):
+        self.loader, self.stop = loader, stop
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index == 1:
+                self.stop.received = "SIGUSR1"
+            yield batch
+
+
+def test_a_stop_during_evaluation_checkpoints_and_the_resume_evaluates_first(tmp_path, digits_root):
+    overrides = [
+        f"run.output_dir={tmp_path}",
+        f"data.root={digits_root}",
+        "model.size=L6W64",
+        "data.batch_size=100",  # 3 validation batches
+        "train.max_steps=2",
+    ]
+    trainer = Trainer(load_recipe(QUICKSTART, overrides))
+    try:
+        trainer.val_loader = SignalDuringEvaluation(trainer.val_loader, trainer.stop)
+        with pytest.raises(Interrupted, match="stopped by SIGUSR1 after step 2"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert (tmp_path / "checkpoints" / LATEST).read_text() == "global_step2"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not any("eval" in r for r in records)
+
+    resumed = Trainer(load_recipe(QUICKSTART, overrides))
+    try:
+        assert resumed.step == 2 and resumed._evaluation_pending()
+        result = resumed.fit()
+        resumed.save(result)
+    finally:
+        resumed.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [2]
+    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    again = Trainer(load_recipe(QUICKSTART, overrides))  # the final checkpoint holds the evaluation
+    try:
+        assert not again._evaluation_pending()
+    finally:
+        again.close()
