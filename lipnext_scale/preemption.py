@@ -62,7 +62,8 @@ class StopRequest:
 
     def agreed(self, checkpoint_due: bool, device: torch.device) -> tuple[bool, bool]:
         """(stop, checkpoint due) as all ranks agree: one all-reduce of two numbers (collective)."""
-        stop, due = (all_reduce_sum(torch.tensor(self.flags(checkpoint_due), device=device)) > 0).tolist()
+        flags = torch.stack([torch.full((), f, device=device) for f in self.flags(checkpoint_due)])
+        stop, due = (all_reduce_sum(flags) > 0).tolist()
         return stop, due
 
 

@@ -393,9 +393,12 @@ class Trainer:
         eps_list = list(self.recipe.certify.eps)
         mode = self.recipe.certify.mode
         chunk = min(self.memory_plan["evaluation"]["chunk_batches"], max(1, len(self.val_loader)))
+        # The smallest over ranks (plans follow each GPU's memory): the per-batch stop agreement and the
+        # chunks' fetches then interleave in the same order on every rank.
+        comm = distributed.comm_device()
+        chunk = -int(distributed.all_reduce_max(torch.tensor(-chunk, device=comm)).item())
         batches = _Stoppable(self.val_loader, self.stop)
         counts, lipschitz = self.certified_counts(self.recipe, self.optimizer, batches, chunk)
-        comm = distributed.comm_device()
         counts = distributed.all_reduce_sum(counts.to(comm)).cpu()
         largest = distributed.all_reduce_max(torch.tensor(lipschitz, dtype=torch.float64, device=comm))
         lipschitz = largest.item()
@@ -612,7 +615,7 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     bar.close()
-                    raise self._interrupted()
+                    raise self._interrupted(str(self.ckpt_dir / tag_for(self.step)))
                 if self.step >= self.total_steps:
                     break
             if self.train_loader.epoch_complete:
@@ -641,9 +644,13 @@ class Trainer:
         try:
             result = self.evaluate()
         except _EvaluationStopped:
-            self.save_checkpoint()
+            if self.engine.micro_steps % self.accumulation == 0:
+                self.save_checkpoint()
+                where = str(self.ckpt_dir / tag_for(self.step))
+            else:  # the epoch ended inside a step, whose gradients no checkpoint holds: the last one stands
+                where = self._last_checkpoint()
             bar.close()
-            raise self._interrupted() from None
+            raise self._interrupted(where) from None
         self._evaluated_step = self.step
         self.log({"step": self.step, "epoch": self.epoch, "eval": result})
         if self.is_main:
@@ -653,9 +660,8 @@ class Trainer:
             )
         return result
 
-    def _interrupted(self) -> Interrupted:
-        signal_name = self.stop.received or "a signal on another rank"
-        return Interrupted(signal_name, self.step, str(self.ckpt_dir / tag_for(self.step)))
+    def _interrupted(self, checkpoint: str) -> Interrupted:
+        return Interrupted(self.stop.received or "a signal on another rank", self.step, checkpoint)
 
     def save(self, result: dict) -> None:
         """Final checkpoint (collective), then rank 0 writes model.safetensors and eval.json."""

@@ -77,6 +77,7 @@ def main(out: Path, data_root: str) -> None:
             steps += done
             if done:
                 agreed.append(list(trainer.optimizer.agreed))
+        trainer.stop.received = None  # agreed and acted on (by a checkpoint, in fit); evaluation goes on
         stats = trainer.step_stats(eps=0.1)
         orthogonality = trainer.orthogonality_error()
     result = trainer.evaluate()

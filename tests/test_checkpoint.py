@@ -235,3 +235,26 @@ def test_a_stop_during_evaluation_checkpoints_and_the_resume_evaluates_first(tmp
         assert not again._evaluation_pending()
     finally:
         again.close()
+
+
+def test_a_stop_during_an_evaluation_inside_a_step_keeps_the_last_checkpoint(tmp_path, digits_root):
+    # 25 micro-batches of 60 an epoch, 2 a step: epoch 1 ends one micro-batch into step 13, whose
+    # accumulated gradients no checkpoint can hold; the stop must not write one at step 12 after them.
+    overrides = [
+        f"run.output_dir={tmp_path}",
+        f"data.root={digits_root}",
+        "model.size=L6W64",
+        "data.batch_size=120",
+        "train.micro_batch_size=60",
+        "train.epochs=2",
+        "run.checkpoint_every=5",
+    ]
+    trainer = Trainer(load_recipe(QUICKSTART, overrides))
+    try:
+        trainer.val_loader = SignalDuringEvaluation(trainer.val_loader, trainer.stop)
+        with pytest.raises(Interrupted, match="after step 12; checkpoint .*global_step10"):
+            trainer.fit()
+        assert trainer.engine.micro_steps == 25
+    finally:
+        trainer.close()
+    assert (tmp_path / "checkpoints" / LATEST).read_text() == "global_step10"

@@ -9,7 +9,7 @@ DALI 2.4 notes that shaped this file:
   stops every rank after the smallest part's full batches, PARTIAL (eval) trims the padding DALI adds.
 - The checkpoint from ``iterator.checkpoints()`` is a binary protobuf (bytes); it is stored base64.
 - Which samples a batch holds: ``fn.get_property(..., key="source_info")`` gives ``<tar>:<offset>:<member>``
-  per sample, the offset being the first component's in the index file; it maps to the global index.
+  per sample, the offset being the image component's in the index file; it maps to the global index.
 - A reader fed an index file that lists only some of a tar's samples reads only those: a remainder
   epoch (``loader_base``) is an ordinary reader over index files written for this rank's slice.
 - A reader built with ``shard_id=(rank + e) % world_size`` starts at epoch ``e``'s part and moves on
@@ -229,7 +229,7 @@ def build_dali_pipeline(
 
 
 class _SampleIndex:
-    """Global sample index of a DALI ``source_info`` (tar path and first-component offset), from the
+    """Global sample index of a DALI ``source_info`` (tar path and image-component offset), from the
     manifest's index files, each parsed when first needed (only the offsets are kept: 8 bytes a sample)."""
 
     def __init__(self, config: LoaderConfig):
@@ -244,8 +244,14 @@ class _SampleIndex:
         return Path(self._index_paths[shard]).read_text().splitlines()[1:]
 
     def _shard_offsets(self, shard: int) -> np.ndarray:
+        """Offsets of the image components (DALI's source_info of the image output names that component)."""
         if shard not in self._offsets:
-            self._offsets[shard] = np.array([int(line.split()[1]) for line in self.lines(shard)])
+            offsets = []
+            for line in self.lines(shard):
+                fields = line.split()  # groups of: ext offset size name
+                offset_of = {fields[i]: fields[i + 1] for i in range(0, len(fields), 4)}
+                offsets.append(int(offset_of[IMAGE_EXT]))
+            self._offsets[shard] = np.array(offsets, dtype=np.int64)
         return self._offsets[shard]
 
     def global_indices(self, sources: torch.Tensor) -> np.ndarray:

@@ -357,9 +357,9 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in grads:
             squares += torch.linalg.vector_norm(g, dtype=torch.float64).square()
-        flags = torch.tensor(self._flags, dtype=torch.float64, device=self.device)
-        stats = torch.cat([torch.stack([squares, self._nonfinite_losses]), flags])
-        stats = stats.to(distributed.comm_device())
+        # Filled on the device: torch.tensor(list, device=cuda) copies from pageable memory and syncs.
+        flags = [squares.new_full((), f) for f in self._flags]
+        stats = torch.stack([squares, self._nonfinite_losses, *flags]).to(distributed.comm_device())
         squares, nonfinite, *flags = distributed.all_reduce_sum(stats).tolist()
         self.agreed, self._flags = [f > 0 for f in flags], []
         self._nonfinite_losses.zero_()
@@ -526,7 +526,7 @@ class ShardedManifoldOptimizer(ManifoldOptimizer):
         def wait() -> dict[str, torch.Tensor]:
             for work in works:
                 if work is not None:
-                    self._wait(work)
+                    self._wait(work, "comm_wait_gather")  # evaluation's fetches count as weight gathers
             return out
 
         return wait
