@@ -291,7 +291,7 @@ class StreamedCertifier:
         require_no_autocast()
         counts = torch.zeros(len(eps_list) + 2, dtype=torch.long)
         chunk_batches = max(1, chunk_batches)
-        chunks = int(_max_over_ranks(float(-(-len(batches) // chunk_batches))))
+        chunks = int(distributed.max_over_ranks(float(-(-len(batches) // chunk_batches))))
         iterator = iter(batches)
         for _ in range(chunks):
             xs, labels = [], []  # each batch's images are dropped once embedded
@@ -332,7 +332,7 @@ class StreamedCertifier:
             logits = [self.model.head(l2_spatial_pool(x)).float() for x in xs]
         del xs[:]
         if first:
-            self._weight_norms = _sum_over_ranks(self._local)
+            self._weight_norms = distributed.sum_over_ranks(self._local)
         embed, r_norms = self._weight_norms[0], self._weight_norms[1:]
         lipschitz = product_up([embed, *(f for pair in zip(r_norms, p_norms, strict=True) for f in pair)])
         return logits, lipschitz
@@ -342,22 +342,6 @@ def _require_fp32_tensors(weights: dict[str, torch.Tensor]) -> None:
     dtypes = {t.dtype for t in weights.values()}
     if dtypes - {torch.float32}:
         raise ValueError(f"certify with fp32 weights only; fetched {sorted(map(str, dtypes))}")
-
-
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise sum of float64 scalars over ranks (each non-zero on one rank: exact, equal everywhere)."""
-    if distributed.world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=distributed.comm_device())
-    return distributed.all_reduce_sum(t).cpu().tolist()
-
-
-def _max_over_ranks(value: float) -> float:
-    """The largest `value` over ranks (one scalar all-reduce; a host read)."""
-    if distributed.world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=distributed.comm_device())
-    return distributed.all_reduce_max(t).item()
 
 
 def radius_from_logits(

@@ -115,6 +115,21 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of host floats over ranks, as float64 on the communication device (one all-reduce
+    and a host read). Used for per-matrix bounds, each non-zero on one rank only: exact, equal everywhere."""
+    if not _many():
+        return list(values)
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=comm_device())).cpu().tolist()
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest host float over ranks (one scalar all-reduce and a host read)."""
+    if not _many():
+        return value
+    return all_reduce_max(torch.tensor([value], dtype=torch.float64, device=comm_device())).item()
+
+
 def all_gather(values: torch.Tensor) -> torch.Tensor:
     """A small tensor from every rank, stacked: (world_size, *values.shape), rank order."""
     if not _many():

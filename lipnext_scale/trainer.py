@@ -356,7 +356,7 @@ class Trainer:
             certifier = StreamedCertifier(Trainer.fp32_model(recipe), optimizer.fetch_fp32)
             return certifier.counts(batches, eps_list, chunk_batches), certifier.lipschitz
         model = Trainer.fp32_model(recipe, optimizer.gather_fp32_state())
-        share = (distributed.rank(), distributed.world_size(), Trainer._sum_scalars)
+        share = (distributed.rank(), distributed.world_size(), distributed.sum_over_ranks)
         certifier = Certifier(model, recipe.certify.mode, share=share)
         return certification_counts(certifier, batches, eps_list), certifier.lipschitz
 
@@ -395,28 +395,15 @@ class Trainer:
         chunk = min(self.memory_plan["evaluation"]["chunk_batches"], max(1, len(self.val_loader)))
         # The smallest over ranks (plans follow each GPU's memory): the per-batch stop agreement and the
         # chunks' fetches then interleave in the same order on every rank.
-        comm = distributed.comm_device()
-        chunk = -int(distributed.all_reduce_max(torch.tensor(-chunk, device=comm)).item())
+        chunk = -int(distributed.max_over_ranks(-chunk))
         batches = _Stoppable(self.val_loader, self.stop)
         counts, lipschitz = self.certified_counts(self.recipe, self.optimizer, batches, chunk)
-        counts = distributed.all_reduce_sum(counts.to(comm)).cpu()
-        largest = distributed.all_reduce_max(torch.tensor(lipschitz, dtype=torch.float64, device=comm))
-        lipschitz = largest.item()
-        result = summarize(counts, eps_list, lipschitz, mode)
+        counts = distributed.all_reduce_sum(counts.to(distributed.comm_device())).cpu()
+        result = summarize(counts, eps_list, distributed.max_over_ranks(lipschitz), mode)
         result["orthogonality_error"] = self.orthogonality_error()
         result["num_params"] = self.num_params
         self._window_since = time.perf_counter()  # evaluation time is not training FLOP/s
         return result
-
-    @staticmethod
-    def _sum_scalars(values: list[float]) -> list[float]:
-        """Element-wise sum of a float64 scalar list over ranks, on the communication device. Used for the
-        per-matrix bounds: each entry is non-zero on one rank only, so the sum is exact and every rank
-        receives the same floats."""
-        if distributed.world_size() == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=distributed.comm_device())
-        return distributed.all_reduce_sum(t).cpu().tolist()
 
     def log(self, record: dict) -> None:
         if self.metrics_file:
