@@ -108,9 +108,14 @@ def test_only_changes_that_do_not_change_the_run_are_accepted():
     assert [line.split(":")[0] for line in refused] == ["model.size", "optim.lr"]
 
 
+def small_run(out: Path, digits_root: Path, *overrides: str) -> list[str]:
+    """Overrides of a small quickstart run in `out`."""
+    return [f"run.output_dir={out}", f"data.root={digits_root}", "model.size=L6W64", *overrides]
+
+
 def run_train(out: Path, digits_root: Path, *overrides: str, **kwargs):
     cmd = [sys.executable, str(REPO / "lipnext_scale" / "train.py"), str(QUICKSTART)]
-    args = [f"run.output_dir={out}", f"data.root={digits_root}", "model.size=L6W64", "train.log_every=1"]
+    args = small_run(out, digits_root, "train.log_every=1")
     return subprocess.Popen(
         [*cmd, *args, *overrides],
         cwd=REPO,
@@ -202,13 +207,7 @@ class SignalDuringEvaluation:
 
 
 def test_a_stop_during_evaluation_checkpoints_and_the_resume_evaluates_first(tmp_path, digits_root):
-    overrides = [
-        f"run.output_dir={tmp_path}",
-        f"data.root={digits_root}",
-        "model.size=L6W64",
-        "data.batch_size=100",  # 3 validation batches
-        "train.max_steps=2",
-    ]
+    overrides = small_run(tmp_path, digits_root, "data.batch_size=100", "train.max_steps=2")  # 3 val batches
     trainer = Trainer(load_recipe(QUICKSTART, overrides))
     try:
         trainer.val_loader = SignalDuringEvaluation(trainer.val_loader, trainer.stop)
@@ -240,15 +239,14 @@ def test_a_stop_during_evaluation_checkpoints_and_the_resume_evaluates_first(tmp
 def test_a_stop_during_an_evaluation_inside_a_step_keeps_the_last_checkpoint(tmp_path, digits_root):
     # 25 micro-batches of 60 an epoch, 2 a step: epoch 1 ends one micro-batch into step 13, whose
     # accumulated gradients no checkpoint can hold; the stop must not write one at step 12 after them.
-    overrides = [
-        f"run.output_dir={tmp_path}",
-        f"data.root={digits_root}",
-        "model.size=L6W64",
+    overrides = small_run(
+        tmp_path,
+        digits_root,
         "data.batch_size=120",
         "train.micro_batch_size=60",
         "train.epochs=2",
         "run.checkpoint_every=5",
-    ]
+    )
     trainer = Trainer(load_recipe(QUICKSTART, overrides))
     try:
         trainer.val_loader = SignalDuringEvaluation(trainer.val_loader, trainer.stop)
